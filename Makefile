@@ -1,0 +1,22 @@
+# Two entry points for a fresh machine: `make serve` and `make test` (both install first).
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed-stamp
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: install serve test
+
+# Idempotent: re-runs pip only when pyproject.toml changed since the last install.
+$(STAMP): pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+serve: install
+	$(VENV)/bin/armt demo
+
+test: install
+	$(VENV)/bin/python -m pytest

@@ -1,0 +1,7 @@
+"""ARMT engine: pure torch (+ one transformers adapter, model/hf_base.py)."""
+from .armt import ArmtModel
+from .config import ArmtConfig
+from .generation import SamplingParams
+from .state import MemoryState, StateMismatchError
+
+__all__ = ["ArmtModel", "ArmtConfig", "MemoryState", "SamplingParams", "StateMismatchError"]

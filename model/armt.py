@@ -1,0 +1,165 @@
+"""ArmtModel: a Hugging Face LLaMA / GPT-2 whose every block carries an associative memory.
+
+The memory parameters of all layers are stored stacked ([L, ...]) so that executors can slice a range of layers
+at once; the memory *state* (A, z) never lives on the module: it is passed in and returned (MemoryState).
+This file holds the model and its one-segment forward; executors (sequential, diagonal) loop over segments, and
+the public engine API (forward_long / new_state / ingest / generate) is `model.engine.ArmtEngineMixin`.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .config import ArmtConfig
+from .engine import ArmtEngineMixin
+from .hf_base import BaseAdapter
+from .memory import associative_read, delta_write
+
+
+class ArmtModel(ArmtEngineMixin, nn.Module):
+    def __init__(self, base: BaseAdapter, config: ArmtConfig, fingerprint: str = "untrained"):
+        super().__init__()
+        self.base = base
+        self.config = config
+        self.fingerprint = fingerprint
+        L, d, M, d_mem = base.n_layers, base.d_model, config.num_mem_tokens, config.d_mem
+        if config.wrap_pos and base.kind != "gpt2":
+            raise ValueError("armt config: wrap_pos applies only to GPT-2 bases (learned position table)")
+        if config.wrap_pos and config.use_sink:
+            raise ValueError("armt config: wrap_pos and use_sink cannot be combined")
+        dtype = base.hf.get_input_embeddings().weight.dtype
+        self.memory = nn.Parameter(torch.zeros(M, d, dtype=dtype))  # [M, d] memory-token embeddings
+        self.W_mq = nn.Parameter(torch.zeros(L, d_mem, d, dtype=dtype))  # per-layer query projection
+        self.W_mk = nn.Parameter(torch.zeros(L, d_mem, d, dtype=dtype))  # per-layer key projection
+        self.W_mv = nn.Parameter(torch.zeros(L, d, d, dtype=dtype))  # per-layer value projection
+        self.W_mb = nn.Parameter(torch.zeros(L, 1, d, dtype=dtype))  # per-layer write-strength gate
+        self.b_mb = nn.Parameter(torch.zeros(L, 1, dtype=dtype))
+        self.sink = nn.Parameter(torch.zeros(1, d, dtype=dtype)) if config.use_sink else None
+        self._check_positions()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(cls, path, device="cpu", dtype=torch.float32) -> "ArmtModel":
+        """Load a directory: the project format or an official ARMT layout (see model.checkpoint)."""
+        from .checkpoint import from_pretrained
+
+        return from_pretrained(path, device=device, dtype=dtype)
+
+    @classmethod
+    def from_config(cls, base_config, armt_config: ArmtConfig, dtype=torch.float32, seed: int = 0) -> "ArmtModel":
+        """A fresh random model over an HF config (for training and tests)."""
+        from .checkpoint import create
+
+        return create(base_config, armt_config, dtype=dtype, seed=seed)
+
+    def save_pretrained(self, path) -> None:
+        from .checkpoint import save_pretrained
+
+        save_pretrained(self, path)
+
+    def reset_memory_parameters(self, generator: torch.Generator | None = None) -> None:
+        """The research code's initialisation: memory ~ randn * std(embeddings), W_mv = 0, linear defaults."""
+        d = self.base.d_model
+        bound = 1 / math.sqrt(d)  # nn.Linear's default uniform bound for fan_in = d
+        with torch.no_grad():
+            std = self.base.hf.get_input_embeddings().weight.float().std()
+            self.memory.copy_(torch.randn(self.memory.shape, generator=generator) * std)
+            for p in (self.W_mq, self.W_mk, self.W_mb, self.b_mb):
+                p.copy_(torch.rand(p.shape, generator=generator) * 2 * bound - bound)
+            self.W_mv.zero_()
+            if self.sink is not None:
+                self.sink.copy_(torch.randn(self.sink.shape, generator=generator))
+
+    def _check_positions(self) -> None:
+        limit = self.base.max_positions
+        if limit is None:
+            return
+        cfg = self.config
+        needed = cfg.segment_size if cfg.wrap_pos else cfg.segment_size + cfg.num_mem_tokens + int(cfg.use_sink)
+        if needed > limit:
+            raise ValueError(
+                f"segment of {cfg.segment_size} tokens + {cfg.num_mem_tokens} memory tokens needs {needed} "
+                f"positions but the GPT-2 base has n_positions={limit}"
+            )
+
+    @property
+    def device(self) -> torch.device:
+        return self.memory.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.memory.dtype
+
+    @property
+    def n_layers(self) -> int:
+        return self.base.n_layers
+
+    # ------------------------------------------------------------------ one segment
+    def segment_inputs(self, ids: torch.Tensor, with_memory: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Embeddings and positions of one segment: [sink] + tokens (+ memory tokens).
+
+        ids: [B, n] -> (x [B, n', d], position_ids [1, n'], offset of the first real token).
+        Positions restart at 0 in every segment; with GPT-2 `wrap_pos` the memory tokens take the M rows
+        appended to the position table instead of continuing after the real tokens.
+        """
+        B, n = ids.shape
+        parts = [self.base.embed(ids)]  # [B, n, d]
+        if self.sink is not None:
+            parts.insert(0, self.sink.expand(B, -1, -1))  # [B, 1, d]
+        M = self.config.num_mem_tokens if with_memory else 0
+        if M:
+            parts.append(self.memory.expand(B, -1, -1))  # [B, M, d]
+        x = torch.cat(parts, dim=1)  # [B, n', d]
+        n_real = x.shape[1] - M
+        positions = torch.arange(x.shape[1], device=ids.device)
+        if M and self.config.wrap_pos:
+            table = self.base.max_positions
+            positions = torch.cat([positions[:n_real], torch.arange(table, table + M, device=ids.device)])
+        return x, positions.unsqueeze(0), int(self.sink is not None)
+
+    def run_layers(
+        self,
+        x: torch.Tensor,
+        position_ids: torch.Tensor,
+        A: torch.Tensor,
+        z: torch.Tensor,
+        first: torch.Tensor,
+        write: bool,
+        cache=None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """All blocks over one segment with the memory read before and write after each.
+
+        x: [B, T, d]; A: [B, L, d_key, d]; z: [B, L, d_key]; first: [B] bool (no read; vbar = 0 on write).
+        With `write`, the last M positions are the memory tokens and are written into every layer's memory.
+        Returns (final hidden [B, T, d], A', z'); A and z are not modified in place.
+        """
+        cfg = self.config
+        h, ctx = self.base.begin(x, position_ids, cache)
+        read = not bool(first.all())
+        A_out, z_out = [], []
+        for layer in range(self.n_layers):
+            A_l, z_l = A[:, layer], z[:, layer]  # [B, d_key, d], [B, d_key]
+            if read:
+                y = associative_read(h, self.W_mq[layer], A_l, z_l, cfg.normalize_phi)  # [B, T, d]
+                h = h + y * (~first).to(h.dtype).view(-1, 1, 1)
+            h = self.base.block(layer, h, ctx)
+            if write and cfg.num_mem_tokens:
+                m = h[:, -cfg.num_mem_tokens :]  # [B, M, d] memory-token outputs
+                A_l, z_l = delta_write(
+                    m, self.W_mk[layer], self.W_mv[layer], self.W_mb[layer], self.b_mb[layer], A_l, z_l, first,
+                    normalize=cfg.normalize_phi, correction=cfg.correction,
+                )
+            A_out.append(A_l)
+            z_out.append(z_l)
+        return h, torch.stack(A_out, dim=1), torch.stack(z_out, dim=1)  # [B, L, d_key, d], [B, L, d_key]
+
+    def segment_forward(
+        self, ids: torch.Tensor, A: torch.Tensor, z: torch.Tensor, first: torch.Tensor, want_logits: bool
+    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """Read + write one segment ids [B, n]: (logits [B, n, V] or None, A', z')."""
+        x, pos, offset = self.segment_inputs(ids, with_memory=True)
+        h, A, z = self.run_layers(x, pos, A, z, first, write=True)
+        logits = self.base.head(h[:, offset : offset + ids.shape[1]]) if want_logits else None
+        return logits, A, z

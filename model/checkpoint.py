@@ -1,0 +1,187 @@
+"""Checkpoint I/O: the project's own format, the official layouts, and fresh random models.
+
+Project format (a directory):
+    config.json          the base model's HF config
+    armt_config.json     ArmtConfig
+    model.safetensors    base weights under `base.<HF name>`, memory parameters under `assoc.<name>`
+                         (stacked over layers), header metadata {"format": "armt-serve/1"}
+    tokenizer.json       optional, a `tokenizers` tokenizer
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .armt import ArmtModel
+from .config import ArmtConfig, fingerprint
+from .hf_base import BaseAdapter, build_base, load_base_config
+from .official import is_official, merge_lora, split_official
+
+FORMAT = "armt-serve/1"
+WEIGHTS = "model.safetensors"
+ASSOC_NAMES = ("memory", "W_mq", "W_mk", "W_mv", "W_mb", "b_mb", "sink")
+
+
+# ---------------------------------------------------------------------------------------------- reading files
+def _read_safetensors(path: Path) -> tuple[dict, dict]:
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, (f.metadata() or {})
+
+
+def read_weights(directory: Path) -> tuple[dict, dict]:
+    """All tensors of a directory (single file or sharded index) and the safetensors metadata."""
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (directory / name).is_file():
+            return _read_one(directory / name)
+        index = directory / f"{name}.index.json"
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            tensors, meta = {}, {}
+            for shard in shards:
+                part, meta = _read_one(directory / shard)
+                tensors.update(part)
+            return tensors, meta
+    raise FileNotFoundError(f"no weights in {directory}: expected model.safetensors or pytorch_model.bin")
+
+
+def _read_one(path: Path) -> tuple[dict, dict]:
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path)
+    return torch.load(path, map_location="cpu", weights_only=True), {}
+
+
+def _lora_settings(directory: Path, armt: ArmtConfig, kind: str) -> tuple[float | None, bool, bool]:
+    adapter = directory / "adapter_config.json"
+    cfg = json.loads(adapter.read_text()) if adapter.is_file() else {}
+    alpha = cfg.get("lora_alpha", armt.extra.get("lora_alpha"))
+    fan_in_fan_out = bool(cfg.get("fan_in_fan_out", kind == "gpt2"))  # GPT-2's Conv1D stores [in, out]
+    return alpha, fan_in_fan_out, bool(cfg.get("use_rslora", False))
+
+
+def split_weights(directory: Path, tensors: dict, meta: dict, armt: ArmtConfig, adapter: BaseAdapter
+                  ) -> tuple[dict, dict]:
+    """Any supported layout -> (base state dict under HF names, memory tensors by ASSOC_NAMES)."""
+    if meta.get("format") == FORMAT or any(k.startswith("assoc.") for k in tensors):
+        base = {k[len("base."):]: v for k, v in tensors.items() if k.startswith("base.")}
+        assoc = {k[len("assoc."):]: v for k, v in tensors.items() if k.startswith("assoc.")}
+        stray = [k for k in tensors if not k.startswith(("base.", "assoc."))]
+        if stray:
+            raise ValueError(f"unexpected keys in {WEIGHTS}: {stray[:5]}")
+        return base, assoc
+    if not is_official(tensors):
+        raise ValueError(f"weights in {directory} are neither the project format nor an official ARMT layout")
+    base, assoc, lora = split_official(tensors, adapter.layers_attr, adapter.n_layers, adapter.d_model, armt.d_mem)
+    merge_lora(base, lora, *_lora_settings(directory, armt, adapter.kind))
+    return base, assoc
+
+
+# ---------------------------------------------------------------------------------------------- assembling
+def _copy_checked(target: dict, source: dict, what: str, optional: tuple[str, ...] = ()) -> None:
+    missing = [k for k in target if k not in source and k not in optional]
+    if missing:
+        raise ValueError(f"{what}: missing key {missing[0]!r} (expected shape {tuple(target[missing[0]].shape)})"
+                         + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+    unexpected = [k for k in source if k not in target]
+    if unexpected:
+        raise ValueError(f"{what}: unexpected key {unexpected[0]!r} with shape {tuple(source[unexpected[0]].shape)}")
+    with torch.no_grad():
+        for key, tensor in target.items():
+            if key not in source:
+                continue
+            if tuple(source[key].shape) != tuple(tensor.shape):
+                raise ValueError(f"{what}: key {key!r} has shape {tuple(source[key].shape)} in the checkpoint "
+                                 f"but the model expects {tuple(tensor.shape)}")
+            tensor.copy_(source[key])
+
+
+def load_into(model: ArmtModel, base_sd: dict, assoc: dict) -> None:
+    hf = model.base.hf
+    tied = bool(getattr(hf.config, "tie_word_embeddings", False))
+    optional = ("lm_head.weight",) if tied else ()
+    _copy_checked(dict(hf.state_dict(keep_vars=True)), base_sd, "base weights", optional)
+    if tied:
+        hf.tie_weights()
+    params = {n: p for n in ASSOC_NAMES if (p := getattr(model, n)) is not None}
+    _copy_checked(params, assoc, "memory weights")
+
+
+def weights_digest(model: ArmtModel) -> str:
+    """Cheap digest of the weights: names, shapes and a strided sample of values (not a full hash)."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        flat = p.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 64)].float().cpu()
+        h.update(f"{name}{tuple(p.shape)}".encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _detect_wrap_pos(armt: ArmtConfig, base_config, base_sd: dict) -> None:
+    wpe = base_sd.get("transformer.wpe.weight")
+    if base_config.model_type == "gpt2" and wpe is not None:
+        if wpe.shape[0] == base_config.n_positions + armt.num_mem_tokens and armt.num_mem_tokens:
+            armt.wrap_pos = True  # the research code grew the position table by M rows for the memory tokens
+
+
+def from_pretrained(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> ArmtModel:
+    directory = Path(path)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"model directory {directory} does not exist")
+    base_config = load_base_config(directory)
+    armt = ArmtConfig.load(directory)
+    tensors, meta = read_weights(directory)
+    hf = build_base(base_config, dtype)
+    adapter = BaseAdapter(hf, armt.layers_attr)
+    base_sd, assoc = split_weights(directory, tensors, meta, armt, adapter)
+    _detect_wrap_pos(armt, base_config, base_sd)
+    if armt.wrap_pos:
+        adapter.extend_positions(armt.num_mem_tokens)
+    model = ArmtModel(adapter, armt)
+    load_into(model, base_sd, assoc)
+    return finish(model, base_config.to_dict(), directory, device)
+
+
+def finish(model: ArmtModel, base_config: dict, directory: Path | None, device) -> ArmtModel:
+    model.fingerprint = fingerprint(base_config, model.config, weights_digest(model))
+    model.tokenizer = None
+    if directory is not None and (directory / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+
+        model.tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    return model.to(device).eval()
+
+
+def create(base_config, armt: ArmtConfig, dtype: torch.dtype = torch.float32, seed: int = 0) -> ArmtModel:
+    """A fresh model with random weights (training, tests); `base_config` is an HF PretrainedConfig."""
+    torch.manual_seed(seed)
+    adapter = BaseAdapter(build_base(base_config, dtype), armt.layers_attr)
+    if armt.wrap_pos:
+        adapter.extend_positions(armt.num_mem_tokens)
+    model = ArmtModel(adapter, armt)
+    model.reset_memory_parameters(torch.Generator().manual_seed(seed))
+    return finish(model, base_config.to_dict(), None, "cpu")
+
+
+def save_pretrained(model: ArmtModel, path: str | Path) -> None:
+    """Write the project format; loading it back gives the same model (and the same fingerprint)."""
+    directory = Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.base.config.save_pretrained(str(directory))
+    model.config.save(directory)
+    tensors = {}
+    tied = bool(getattr(model.base.config, "tie_word_embeddings", False))
+    for key, tensor in model.base.hf.state_dict().items():
+        if not (tied and key == "lm_head.weight"):  # shared storage; re-tied at load
+            tensors[f"base.{key}"] = tensor.detach().cpu().contiguous()
+    for name in ASSOC_NAMES:
+        param = getattr(model, name)
+        if param is not None:
+            tensors[f"assoc.{name}"] = param.detach().cpu().contiguous()
+    save_file(tensors, str(directory / WEIGHTS), metadata={"format": FORMAT})
+    if getattr(model, "tokenizer", None) is not None:
+        model.tokenizer.save(str(directory / "tokenizer.json"))

@@ -1,0 +1,118 @@
+"""ARMT configuration: the memory hyper-parameters that sit on top of a Hugging Face base config.
+
+Kept as a plain dataclass (no transformers import) so that executors, state files and the service can all
+reason about it; `armt_config.json` is its JSON form.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+ARMT_CONFIG_NAME = "armt_config.json"
+DPFP_NU = 3  # the paper's DPFP order; d_key = 2 * nu * d_mem
+
+# Keys of the research repo's configs that change the model in ways this engine does not implement.
+_UNSUPPORTED_TRUE = ("sliding_window", "attend_to_previous_input", "gating")
+
+
+@dataclass
+class ArmtConfig:
+    """Memory configuration of an ARMT.
+
+    num_mem_tokens: M memory tokens appended to the end of every segment (their outputs feed the write).
+    d_mem: width of the query/key projections before DPFP (d_key = 6 * d_mem).
+    segment_size: real tokens per segment (memory tokens come on top).
+    armt_version: 1 = the paper (raw DPFP features), 2 = L2-normalised features (+ optional sink token).
+    correction: gamma correction of the z update (delta rule on the normaliser).
+    layers_attr: dotted path of the decoder block list inside the HF model (None: the base's default).
+    use_sink: V2 only: a learned token prepended to every segment.
+    wrap_pos: GPT-2 only: memory tokens take M extra learned positions at the end of the position table
+        (the research repo's `wrap_pos=True`); otherwise positions simply continue after the real tokens.
+    """
+
+    num_mem_tokens: int
+    d_mem: int
+    segment_size: int
+    armt_version: int = 1
+    correction: bool = True
+    layers_attr: str | None = None
+    use_sink: bool = False
+    wrap_pos: bool = False
+    n_heads: int = 1
+    use_denom: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("num_mem_tokens", "d_mem", "segment_size", "armt_version", "n_heads"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"armt config: {name} must be an integer, got {value!r}")
+        if self.num_mem_tokens < 0:
+            raise ValueError(f"armt config: num_mem_tokens must be >= 0, got {self.num_mem_tokens}")
+        if self.d_mem < 1:
+            raise ValueError(f"armt config: d_mem must be >= 1, got {self.d_mem}")
+        if self.segment_size < 1:
+            raise ValueError(f"armt config: segment_size must be >= 1, got {self.segment_size}")
+        if self.armt_version not in (1, 2):
+            raise ValueError(f"armt config: armt_version must be 1 or 2, got {self.armt_version}")
+        if self.use_sink and self.armt_version != 2:
+            raise ValueError("armt config: use_sink exists only in armt_version 2")
+        if self.n_heads != 1:
+            raise ValueError(f"armt config: only n_heads=1 is supported, got {self.n_heads}")
+        if not self.use_denom:
+            raise ValueError("armt config: use_denom=false is not supported (the paper always normalises by z)")
+        for key in _UNSUPPORTED_TRUE:
+            if self.extra.get(key):
+                raise ValueError(f"armt config: {key}=true is not supported by this engine")
+
+    @property
+    def d_key(self) -> int:
+        return 2 * DPFP_NU * self.d_mem
+
+    @property
+    def normalize_phi(self) -> bool:
+        return self.armt_version == 2
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ArmtConfig":
+        known = {f.name for f in fields(cls)} - {"extra"}
+        missing = [k for k in ("num_mem_tokens", "d_mem", "segment_size") if k not in data]
+        if missing:
+            raise ValueError(f"{ARMT_CONFIG_NAME} lacks required keys: {', '.join(missing)}")
+        kwargs = {k: v for k, v in data.items() if k in known}
+        extra = {k: v for k, v in data.items() if k not in known}
+        return cls(**kwargs, extra=extra)
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "ArmtConfig":
+        path = Path(directory) / ARMT_CONFIG_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: an ARMT directory needs {ARMT_CONFIG_NAME}")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} must hold a JSON object")
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        extra = data.pop("extra")
+        return {**extra, **data}
+
+    def save(self, directory: str | Path) -> None:
+        (Path(directory) / ARMT_CONFIG_NAME).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+
+def fingerprint(base_config: dict, armt: ArmtConfig, weights_digest: str) -> str:
+    """A short digest naming the exact model: base config, memory config and weights.
+
+    A MemoryState is only meaningful under the model that wrote it, so states carry this and loading checks it.
+    """
+    keys = ("model_type", "hidden_size", "n_embd", "num_hidden_layers", "n_layer", "vocab_size")
+    base = {k: base_config.get(k) for k in keys}
+    payload = json.dumps({"base": base, "armt": armt.to_dict(), "weights": weights_digest}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]

@@ -1,0 +1,164 @@
+"""The public engine API of ArmtModel: forward_long, new_state, ingest, generate (and input checking).
+
+    logits, state = m.forward_long(ids)          # official forward from empty memory
+    state = m.ingest(m.new_state(), ids)         # whole segments written; remainder pending
+    for tok in m.generate(state, prompt_ids): ...  # never mutates `state`
+
+Executors are looked up by name; each maps (model, ids [B, T], A, z, first, want_logits) -> (logits, A, z).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from .generation import SamplingParams, decode_final_segment
+from .sequential import run_sequential
+from .state import MemoryState
+
+EXECUTORS = {"sequential": run_sequential}
+
+IdsLike = torch.Tensor | Sequence[int] | Sequence[Sequence[int]]
+
+
+class ArmtEngineMixin:
+    """Engine methods; expects `config`, `base`, `fingerprint`, `device`, `n_layers`, `segment_forward`."""
+
+    # ------------------------------------------------------------------ inputs
+    def check_ids(self, ids: IdsLike, name: str = "input_ids", allow_empty: bool = False) -> torch.Tensor:
+        """Validate token ids; returns a [B, T] int64 tensor on the model's device."""
+        if not isinstance(ids, torch.Tensor):
+            try:
+                ids = torch.tensor(list(ids), dtype=torch.int64)
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise ValueError(f"{name} must be integer token ids: {e}") from None
+        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            raise ValueError(f"{name} must have an integer dtype, got {ids.dtype}")
+        if ids.dim() == 1:
+            ids = ids.unsqueeze(0)
+        if ids.dim() != 2:
+            raise ValueError(f"{name} must be [T] or [B, T], got shape {tuple(ids.shape)}")
+        if ids.device.type != self.device.type:
+            raise ValueError(f"{name} is on {ids.device} but the model is on {self.device}")
+        if ids.shape[1] == 0 and not allow_empty:
+            raise ValueError(f"{name} is empty: at least one token is needed")
+        vocab = self.base.vocab_size
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+            bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+            raise ValueError(f"{name} holds token id {bad}, outside the vocabulary [0, {vocab})")
+        return ids.to(torch.int64)
+
+    def _executor(self, name: str):
+        if name not in EXECUTORS:
+            raise ValueError(f"unknown executor {name!r}; available: {sorted(EXECUTORS)}")
+        return EXECUTORS[name]
+
+    def _empty_memory(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        L, d_key, d = self.n_layers, self.config.d_key, self.base.d_model
+        A = torch.zeros(batch, L, d_key, d, device=self.device, dtype=torch.float32)  # [B, L, d_key, d]
+        z = torch.zeros(batch, L, d_key, device=self.device, dtype=torch.float32)  # [B, L, d_key]
+        return A, z
+
+    # ------------------------------------------------------------------ API
+    def new_state(self) -> MemoryState:
+        """Empty memory for a new session (fp32 A and z whatever the model dtype)."""
+        A, z = self._empty_memory(1)
+        return MemoryState(A[0], z[0], self.fingerprint)
+
+    @torch.no_grad()
+    def forward_long(self, input_ids: IdsLike, executor: str = "sequential"):
+        """Official forward from empty memory: every segment, the short last one too, is read and written.
+
+        input_ids [T] or [B, T] -> (logits [B, T, V], state) where state is a MemoryState for B == 1 and a list
+        of MemoryStates (one per row) for B > 1.
+        """
+        ids = self.check_ids(input_ids)
+        B, T = ids.shape
+        A, z = self._empty_memory(B)
+        first = torch.ones(B, dtype=torch.bool, device=self.device)
+        logits, A, z = self._executor(executor)(self, ids, A, z, first, True)
+        n_segments = -(-T // self.config.segment_size)
+        states = [MemoryState(A[b], z[b], self.fingerprint, [], n_segments, T) for b in range(B)]
+        return logits, (states[0] if B == 1 else states)
+
+    @torch.no_grad()
+    def ingest(self, state: MemoryState, input_ids: IdsLike, executor: str = "sequential") -> MemoryState:
+        """Append tokens to a session: whole segments are written, the remainder stays pending.
+
+        The result depends only on the concatenation of everything ever ingested, never on how it was split.
+        Returns a new MemoryState; `state` is left as it was.
+        """
+        state.check(self.fingerprint)
+        ids = self.check_ids(input_ids, allow_empty=True)
+        if ids.shape[0] != 1:
+            raise ValueError(f"ingest takes one session's ids [T] or [1, T], got batch {ids.shape[0]}")
+        tokens = state.pending + ids[0].tolist()
+        S = self.config.segment_size
+        n_write = (len(tokens) // S) * S
+        if n_write == 0:
+            return MemoryState(state.A.clone(), state.z.clone(), self.fingerprint, tokens, state.segments,
+                               state.tokens_written)
+        A, z = state.A.unsqueeze(0).to(self.device), state.z.unsqueeze(0).to(self.device)  # [1, L, ...]
+        first = torch.tensor([state.segments == 0], device=self.device)
+        write_ids = torch.tensor([tokens[:n_write]], dtype=torch.int64, device=self.device)  # [1, n_write]
+        _, A, z = self._executor(executor)(self, write_ids, A, z, first, False)
+        return MemoryState(A[0], z[0], self.fingerprint, tokens[n_write:], state.segments + n_write // S,
+                           state.tokens_written + n_write)
+
+    def generate(
+        self,
+        state: MemoryState,
+        prompt_ids: IdsLike,
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop_token_ids: Sequence[int] | None = None,
+        seed: int | None = None,
+        executor: str = "sequential",
+    ) -> Iterator[int]:
+        """Yield new token ids one by one for pending tail + prompt; `state` is never modified.
+
+        stop_token_ids defaults to the base config's eos_token_id (as HF generate); a stop token is yielded and
+        ends the stream. Greedy unless temperature > 0.
+        """
+        state.check(self.fingerprint)
+        params = SamplingParams(max_new_tokens, temperature, top_p, self._stop_ids(stop_token_ids), seed)
+        ids = self.check_ids(prompt_ids, name="prompt_ids", allow_empty=True)
+        if ids.shape[0] != 1:
+            raise ValueError(f"generate takes one prompt [T] or [1, T], got batch {ids.shape[0]}")
+        tokens = state.pending + ids[0].tolist()
+        if not tokens:
+            raise ValueError("prompt_ids is empty and the state has no pending tokens: nothing to continue")
+        S = self.config.segment_size
+        n_write = ((len(tokens) - 1) // S) * S  # every segment but the last is written
+        final = tokens[n_write:]
+        self._check_decode_positions(len(final), max_new_tokens)
+        return self._generate(state, tokens[:n_write], final, params, executor)
+
+    def _generate(self, state, write_tokens, final, params, executor) -> Iterator[int]:
+        with torch.no_grad():
+            A, z = state.A.unsqueeze(0).to(self.device), state.z.unsqueeze(0).to(self.device)
+            first = torch.tensor([state.segments == 0], device=self.device)
+            if write_tokens:
+                write_ids = torch.tensor([write_tokens], dtype=torch.int64, device=self.device)
+                _, A, z = self._executor(executor)(self, write_ids, A, z, first, False)
+                first = torch.zeros_like(first)
+        final_ids = torch.tensor([final], dtype=torch.int64, device=self.device)  # [1, n]
+        yield from decode_final_segment(self, final_ids, A, z, first, params)
+
+    def _stop_ids(self, stop_token_ids: Sequence[int] | None) -> tuple[int, ...]:
+        if stop_token_ids is not None:
+            return tuple(int(t) for t in stop_token_ids)
+        eos = getattr(self.base.config, "eos_token_id", None)
+        if eos is None:
+            return ()
+        return tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
+
+    def _check_decode_positions(self, final_len: int, max_new_tokens: int) -> None:
+        limit = self.base.max_positions
+        needed = final_len + int(self.config.use_sink) + max_new_tokens - 1
+        if limit is not None and needed > limit:
+            raise ValueError(
+                f"final segment of {final_len} tokens + {max_new_tokens} new tokens needs {needed} positions "
+                f"but the GPT-2 base has n_positions={limit}; lower max_new_tokens"
+            )

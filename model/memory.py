@@ -1,0 +1,86 @@
+"""The associative memory of ARMT as pure functions on explicit tensors.
+
+Equations (research/armt.md, arXiv 2407.04841), per layer, for hidden states h and memory-token outputs m:
+    phi(x)  = DPFP_3(x)                                   (V2: then L2-normalised)
+    read:   h <- h + (phi(W_q h) A) / (phi(W_q h) . z + 1e-5)        (skipped on a session's first segment)
+    write:  k = phi(W_k m), v = W_v m, beta = sigmoid(W_b m)
+            vbar = (k A) / (k . z + 1e-5),  gamma = clip(1 - (k . z + 1e-5) / (|k|^2 [+ 1e-5 in V1]), 0, 1)
+            (first segment: vbar = 0, gamma = 1)
+            A <- A + sum_i beta_i k_i (v_i - vbar_i)^T,   z <- z + sum_i gamma_i k_i
+All M memory tokens are written in one step from the pre-update A and z.
+
+Batch convention: every function takes a leading batch dim B (sessions, or active diagonal cells); the memory
+math runs in the state's dtype (fp32 by default) whatever the model's dtype, and the read returns the model's dtype.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+EPS = 1e-5
+
+
+def dpfp(x: torch.Tensor, nu: int = 3) -> torch.Tensor:
+    """Deterministic parameter-free projection: [..., d] -> [..., 2 * nu * d].
+
+    x' = [relu(x), relu(-x)];  phi = concat_{j=1..nu} (x' * roll(x', j)) along the last dim.
+    """
+    xp = torch.cat([F.relu(x), F.relu(-x)], dim=-1)  # [..., 2d]
+    return torch.cat([xp * xp.roll(shifts=j, dims=-1) for j in range(1, nu + 1)], dim=-1)  # [..., 2 nu d]
+
+
+def feature_map(x: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """phi used for both queries and keys; V2 L2-normalises the features."""
+    phi = dpfp(x)
+    return F.normalize(phi, dim=-1, p=2.0) if normalize else phi
+
+
+def associative_read(
+    h: torch.Tensor, W_q: torch.Tensor, A: torch.Tensor, z: torch.Tensor, normalize: bool
+) -> torch.Tensor:
+    """The memory's contribution to the layer input (add it to h).
+
+    h: [B, T, d] (model dtype); W_q: [d_mem, d]; A: [B, d_key, d]; z: [B, d_key] -> [B, T, d] in h's dtype.
+    """
+    q = feature_map(F.linear(h, W_q), normalize).to(A.dtype)  # [B, T, d_key]
+    num = torch.bmm(q, A)  # [B, T, d]
+    denom = torch.bmm(q, z.unsqueeze(-1)) + EPS  # [B, T, 1]
+    return (num / denom).to(h.dtype)
+
+
+def delta_write(
+    m: torch.Tensor,
+    W_k: torch.Tensor,
+    W_v: torch.Tensor,
+    W_b: torch.Tensor,
+    b_b: torch.Tensor,
+    A: torch.Tensor,
+    z: torch.Tensor,
+    first: torch.Tensor,
+    *,
+    normalize: bool,
+    correction: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Delta-rule write of the M memory-token outputs; returns the new (A, z) (inputs untouched).
+
+    m: [B, M, d]; W_k: [d_mem, d]; W_v: [d, d]; W_b: [1, d]; b_b: [1]; A: [B, d_key, d]; z: [B, d_key];
+    first: [B] bool, True where this is the session's first written segment (vbar = 0, gamma = 1).
+    """
+    k = feature_map(F.linear(m, W_k), normalize).to(A.dtype)  # [B, M, d_key]
+    v = F.linear(m, W_v).to(A.dtype)  # [B, M, d]
+    beta = torch.sigmoid(F.linear(m, W_b, b_b)).to(A.dtype)  # [B, M, 1]
+    denom = torch.bmm(k, z.unsqueeze(-1)) + EPS  # [B, M, 1]
+    vbar = torch.bmm(k, A) / denom  # [B, M, d]
+    if correction:
+        k_sq = k.pow(2).sum(-1, keepdim=True)  # [B, M, 1]; |k|^2 as torch.linalg.norm(k) ** 2
+        if not normalize:
+            k_sq = k_sq + EPS  # V1 keeps an epsilon here, V2 does not
+        gamma = torch.clamp(1 - denom / k_sq, 0, 1).detach()  # [B, M, 1]; no gradient, as in the paper's code
+    else:
+        gamma = torch.ones_like(denom)
+    not_first = (~first).to(A.dtype).view(-1, 1, 1)  # [B, 1, 1]
+    vbar = vbar * not_first
+    gamma = gamma * not_first + (1 - not_first)
+    A_new = A + torch.bmm((k * beta).transpose(1, 2), v - vbar)  # [B, d_key, d]
+    z_new = z + (gamma * k).sum(dim=1)  # [B, d_key]
+    return A_new, z_new

@@ -1,0 +1,116 @@
+"""MemoryState: everything a session carries between segments, explicit and fixed in size.
+
+Per layer the associative matrix A [d_key, d] and normaliser z [d_key]; plus the pending tail of token ids not
+yet written (less than one segment), counters, and the fingerprint of the model that wrote it. Saved as one
+safetensors file (tensors + JSON metadata in its header), written atomically.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save
+
+STATE_FORMAT = "armt-state/1"
+
+
+class StateMismatchError(ValueError):
+    """A state was used with (or loaded for) a model other than the one that wrote it."""
+
+
+@dataclass
+class MemoryState:
+    A: torch.Tensor  # [L, d_key, d]
+    z: torch.Tensor  # [L, d_key]
+    fingerprint: str
+    pending: list[int] = field(default_factory=list)  # token ids waiting for a whole segment
+    segments: int = 0  # segments written into memory
+    tokens_written: int = 0  # tokens of those segments
+
+    @property
+    def tokens(self) -> int:
+        """Every token this state was given: written into memory plus pending."""
+        return self.tokens_written + len(self.pending)
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the memory itself (A and z); independent of the document's length."""
+        return self.A.numel() * self.A.element_size() + self.z.numel() * self.z.element_size()
+
+    def clone(self) -> "MemoryState":
+        return MemoryState(
+            self.A.clone(), self.z.clone(), self.fingerprint, list(self.pending), self.segments, self.tokens_written
+        )
+
+    def check(self, fingerprint: str) -> None:
+        if self.fingerprint != fingerprint:
+            raise StateMismatchError(
+                f"memory state was written by model {self.fingerprint}, not by this model {fingerprint}"
+            )
+
+    def metadata(self) -> dict:
+        return {
+            "format": STATE_FORMAT,
+            "fingerprint": self.fingerprint,
+            "segments": self.segments,
+            "tokens_written": self.tokens_written,
+        }
+
+    def to_bytes(self) -> bytes:
+        tensors = {
+            "A": self.A.detach().cpu().contiguous(),
+            "z": self.z.detach().cpu().contiguous(),
+            "pending": torch.tensor(self.pending, dtype=torch.int64),
+        }
+        return save(tensors, metadata={"armt": json.dumps(self.metadata(), sort_keys=True)})
+
+    def digest(self) -> str:
+        """sha256 of the serialized state: equal digests mean bit-identical memory, tail and counters."""
+        return hashlib.sha256(self.to_bytes()).hexdigest()
+
+    def save(self, path: str | Path) -> None:
+        """Atomic write: the file at `path` is the old state or the new one, never a torn mix."""
+        path = Path(path)
+        data = self.to_bytes()
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    @classmethod
+    def load(cls, path: str | Path, fingerprint: str | None = None, device: str | torch.device = "cpu") -> "MemoryState":
+        """Read a saved state; with `fingerprint`, refuse one written by another model."""
+        path = Path(path)
+        try:
+            with safe_open(str(path), framework="pt", device=str(device)) as f:
+                meta = json.loads((f.metadata() or {}).get("armt", "{}"))
+                if meta.get("format") != STATE_FORMAT:
+                    raise ValueError(f"{path} is not an ARMT memory state (format {meta.get('format')!r})")
+                A, z, pending = f.get_tensor("A"), f.get_tensor("z"), f.get_tensor("pending")
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read memory state {path}: {e}") from None
+        except Exception as e:  # safetensors raises its own error type for corrupt headers
+            if isinstance(e, ValueError):
+                raise
+            raise ValueError(f"cannot read memory state {path}: {e}") from None
+        state = cls(A, z, meta["fingerprint"], pending.tolist(), int(meta["segments"]), int(meta["tokens_written"]))
+        if fingerprint is not None:
+            state.check(fingerprint)
+        return state

@@ -1,0 +1,71 @@
+"""The project's own format: save_pretrained -> from_pretrained is lossless; tied embeddings stay tied."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import torch
+from torch.testing import assert_close
+
+from model import ArmtConfig, ArmtModel
+from tests.conftest import VOCAB, build_reference, tiny_config, write_official
+
+
+def test_official_to_project_format_round_trip(kind, tmp_path):
+    official = ArmtModel.from_pretrained(write_official(build_reference(kind), tmp_path / "official"))
+    official.save_pretrained(tmp_path / "ours")
+    ours = ArmtModel.from_pretrained(tmp_path / "ours")
+    assert ours.fingerprint == official.fingerprint
+    ids = torch.randint(0, VOCAB, (1, 44), generator=torch.Generator().manual_seed(0))
+    assert_close(ours.forward_long(ids)[0], official.forward_long(ids)[0], atol=0, rtol=0)
+    saved = json.loads((tmp_path / "ours" / "armt_config.json").read_text())
+    assert saved["segment_size"] == 10 and saved["num_mem_tokens"] == 4
+
+
+def test_tied_embeddings_are_tied(tmp_path):
+    cfg = tiny_config("llama", tie_word_embeddings=True)
+    model = ArmtModel.from_config(cfg, ArmtConfig(num_mem_tokens=2, d_mem=4, segment_size=8))
+    model.save_pretrained(tmp_path)
+    loaded = ArmtModel.from_pretrained(tmp_path)
+    hf = loaded.base.hf
+    assert hf.lm_head.weight.data_ptr() == hf.get_input_embeddings().weight.data_ptr()
+
+
+def test_fingerprint_tracks_weights(tmp_path):
+    cfg = tiny_config("gpt2")
+    a = ArmtModel.from_config(cfg, ArmtConfig(num_mem_tokens=2, d_mem=4, segment_size=8), seed=0)
+    b = ArmtModel.from_config(cfg, ArmtConfig(num_mem_tokens=2, d_mem=4, segment_size=8), seed=1)
+    assert a.fingerprint != b.fingerprint
+
+
+def test_loads_offline_in_a_fresh_process(tmp_path):
+    """HF_HUB_OFFLINE=1 and no network: everything comes from the directory."""
+    write_official(build_reference("llama"), tmp_path)
+    code = ("import torch; from model import ArmtModel; m = ArmtModel.from_pretrained(%r); "
+            "print(m.forward_long([1, 2, 3])[0].shape)" % str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert out.returncode == 0, out.stderr
+    assert "torch.Size([1, 3, 101])" in out.stdout
+
+
+def test_unsupported_base_is_a_clear_error(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 8}))
+    (tmp_path / "armt_config.json").write_text(json.dumps({"num_mem_tokens": 1, "d_mem": 2, "segment_size": 4}))
+    import pytest
+
+    with pytest.raises(ValueError, match="not supported"):
+        ArmtModel.from_pretrained(tmp_path)
+
+
+def test_armt_config_errors_name_the_numbers(tmp_path):
+    import pytest
+
+    with pytest.raises(ValueError, match="armt_version must be 1 or 2, got 3"):
+        ArmtConfig(num_mem_tokens=1, d_mem=2, segment_size=4, armt_version=3)
+    with pytest.raises(ValueError, match="lacks required keys: d_mem"):
+        ArmtConfig.from_dict({"num_mem_tokens": 1, "segment_size": 4})
+    cfg = tiny_config("gpt2")
+    with pytest.raises(ValueError, match="needs 132 positions.*n_positions=128"):
+        ArmtModel.from_config(cfg, ArmtConfig(num_mem_tokens=4, d_mem=2, segment_size=128))

@@ -1,0 +1,28 @@
+"""The `armt` command line on a real model directory."""
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from service.cli import app
+from tests.conftest import build_reference, write_official
+
+
+def test_info_and_generate(tmp_path):
+    directory = write_official(build_reference("llama"), tmp_path / "m")
+    runner = CliRunner()
+    info = runner.invoke(app, ["info", str(directory)])
+    assert info.exit_code == 0, info.output
+    assert json.loads(info.output)["layers"] == 3
+    (tmp_path / "ctx.txt").write_text(" ".join(str(i % 90) for i in range(55)))
+    out = runner.invoke(app, ["generate", str(directory), "--prompt", "1 2 3", "--context", str(tmp_path / "ctx.txt"),
+                              "--max-new-tokens", "4"])
+    assert out.exit_code == 0, out.output
+    assert len(out.stdout.split("\n")[0].split()) == 4
+
+
+def test_missing_directory_is_a_clean_error(tmp_path):
+    result = CliRunner().invoke(app, ["info", str(tmp_path / "nope")])
+    assert result.exit_code == 2
+    assert "does not exist" in result.output

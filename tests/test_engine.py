@@ -1,0 +1,148 @@
+"""Engine semantics: chunk invariance, generate on copies, state round trips, sampling and input errors."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from model import ArmtModel, MemoryState, StateMismatchError
+from model.generation import SamplingParams, sample, top_p_filter
+from tests.conftest import VOCAB, build_reference, write_official
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def model(request, tmp_path_factory):
+    ref = build_reference(request.param, segment_size=10)
+    return ArmtModel.from_pretrained(write_official(ref, tmp_path_factory.mktemp(request.param)))
+
+
+def _doc(n: int, seed: int = 0) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(VOCAB - 2) for _ in range(n)]
+
+
+def test_chunked_ingest_equals_one_shot(model):
+    doc = _doc(97)
+    whole = model.ingest(model.new_state(), doc)
+    rng = random.Random(1)
+    for _ in range(3):
+        cuts = sorted(rng.sample(range(1, len(doc)), 6))
+        state = model.new_state()
+        for a, b in zip([0] + cuts, cuts + [len(doc)]):
+            state = model.ingest(state, doc[a:b])
+        assert state.pending == whole.pending == doc[90:]
+        assert (state.segments, state.tokens) == (whole.segments, whole.tokens) == (9, 97)
+        assert_close(state.A, whole.A, atol=0, rtol=0)
+        assert_close(state.z, whole.z, atol=0, rtol=0)
+        assert state.digest() == whole.digest()
+
+
+def test_ingest_of_whole_segments_matches_forward_long(model):
+    doc = _doc(60)
+    _, full = model.forward_long(torch.tensor([doc]))
+    state = model.ingest(model.new_state(), doc)
+    assert state.pending == [] and state.segments == 6
+    assert_close(state.A, full.A, atol=1e-6, rtol=1e-6)
+
+
+def test_generate_never_mutates_state(model):
+    state = model.ingest(model.new_state(), _doc(45))
+    before = state.digest()
+    first = list(model.generate(state, _doc(7, 2), max_new_tokens=6))
+    again = list(model.generate(state, _doc(7, 2), max_new_tokens=6))
+    assert state.digest() == before
+    assert first == again and len(first) == 6
+
+
+def test_generate_from_pending_only(model):
+    state = model.ingest(model.new_state(), _doc(25))
+    assert len(list(model.generate(state, [], max_new_tokens=3))) == 3
+    with pytest.raises(ValueError, match="nothing to continue"):
+        model.generate(model.new_state(), [], max_new_tokens=3)
+
+
+def test_save_load_round_trip_gives_identical_next_logits(model, tmp_path):
+    state = model.ingest(model.new_state(), _doc(73))
+    state.save(tmp_path / "s.safetensors")
+    loaded = MemoryState.load(tmp_path / "s.safetensors", fingerprint=model.fingerprint)
+    assert loaded.digest() == state.digest()
+    nxt = _doc(20, 9)
+    a, b = model.ingest(state, nxt), model.ingest(loaded, nxt)
+    assert_close(a.A, b.A, atol=0, rtol=0)
+    q = _doc(5, 4)
+    assert list(model.generate(a, q, max_new_tokens=5)) == list(model.generate(b, q, max_new_tokens=5))
+
+
+def test_state_of_another_model_is_refused(model, tmp_path):
+    state = model.ingest(model.new_state(), _doc(30))
+    state.fingerprint = "0123456789abcdef"
+    state.save(tmp_path / "s.safetensors")
+    with pytest.raises(StateMismatchError, match="0123456789abcdef"):
+        MemoryState.load(tmp_path / "s.safetensors", fingerprint=model.fingerprint)
+    with pytest.raises(StateMismatchError):
+        model.ingest(MemoryState.load(tmp_path / "s.safetensors"), [1, 2])
+
+
+def test_state_size_is_constant(model):
+    short = model.ingest(model.new_state(), _doc(20))
+    long = model.ingest(model.new_state(), _doc(400))
+    L, d = model.n_layers, model.base.d_model
+    assert short.nbytes == long.nbytes == 4 * (L * model.config.d_key * d + L * model.config.d_key)
+
+
+def test_corrupt_state_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(b"not a state")
+    with pytest.raises(ValueError, match="cannot read memory state"):
+        MemoryState.load(path)
+
+
+@pytest.mark.parametrize("bad,match", [
+    ([], "empty"),
+    ([1, VOCAB], f"token id {VOCAB}, outside the vocabulary"),
+    ([-1, 2], "token id -1"),
+    (torch.tensor([1.0, 2.0]), "integer dtype"),
+    (torch.zeros(1, 2, 3, dtype=torch.long), "shape"),
+    ([[1, 2], [3]], "integer token ids"),
+])
+def test_bad_inputs_are_value_errors(model, bad, match):
+    with pytest.raises(ValueError, match=match):
+        model.forward_long(bad)
+
+
+def test_sampling_params_are_checked(model):
+    state = model.ingest(model.new_state(), _doc(15))
+    for kwargs, match in [({"max_new_tokens": 0}, "max_new_tokens"), ({"temperature": -1}, "temperature"),
+                          ({"top_p": 0}, "top_p")]:
+        with pytest.raises(ValueError, match=match):
+            model.generate(state, [1], **kwargs)
+
+
+def test_gpt2_decode_beyond_position_table_is_refused(tmp_path):
+    model = ArmtModel.from_pretrained(write_official(build_reference("gpt2", segment_size=10), tmp_path))
+    with pytest.raises(ValueError, match="n_positions=128"):
+        model.generate(model.new_state(), [1, 2, 3], max_new_tokens=200)
+
+
+def test_stop_tokens_end_the_stream(model):
+    state = model.ingest(model.new_state(), _doc(31))
+    free = list(model.generate(state, [3, 4], max_new_tokens=8, stop_token_ids=[]))
+    stop = free[2]
+    cut = list(model.generate(state, [3, 4], max_new_tokens=8, stop_token_ids=[stop]))
+    assert cut == free[: free.index(stop) + 1]
+
+
+def test_seeded_sampling_is_reproducible(model):
+    state = model.ingest(model.new_state(), _doc(31))
+    kw = dict(max_new_tokens=10, temperature=1.5, top_p=0.9, seed=7, stop_token_ids=[])
+    assert list(model.generate(state, [5], **kw)) == list(model.generate(state, [5], **kw))
+
+
+def test_top_p_keeps_the_nucleus():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    assert_close(top_p_filter(probs, 0.7), torch.tensor([0.5, 0.3, 0.0, 0.0]))
+    assert_close(top_p_filter(probs, 0.1), torch.tensor([0.5, 0.0, 0.0, 0.0]))
+    logits = torch.tensor([0.0, 5.0, 1.0])
+    assert sample(logits, SamplingParams(temperature=0.0), None) == 1

@@ -1,0 +1,162 @@
+"""Official-layout checkpoints load and match the independent formula-level reference."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from model import ArmtModel
+from tests.conftest import VOCAB, build_reference, write_official
+
+
+def _ids(T: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB - 2, (1, T), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("segment_size,T", [(10, 57), (7, 45), (16, 100)])
+def test_v1_forward_long_matches_reference(kind, tmp_path, segment_size, T):
+    ref = build_reference(kind, segment_size=segment_size)
+    model = ArmtModel.from_pretrained(write_official(ref, tmp_path), device="cpu", dtype=torch.float32)
+    ids = _ids(T)
+    assert T % segment_size != 0 and T // segment_size >= 5  # >= 6 segments, a short last one
+    expected = ref.forward_long(ids)
+    logits, state = model.forward_long(ids, executor="sequential")
+    assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+    A_ref, z_ref = ref.memory_state()
+    assert_close(state.A, A_ref, atol=1e-5, rtol=1e-5)
+    assert_close(state.z, z_ref, atol=1e-5, rtol=1e-5)
+    assert float(state.A.abs().max()) > 1e-3  # the memory path really was exercised
+
+
+def test_memory_changes_logits(kind, tmp_path):
+    """Sanity of the check above: the same tokens after a different history give different logits."""
+    ref = build_reference(kind)
+    model = ArmtModel.from_pretrained(write_official(ref, tmp_path))
+    a, b = _ids(30, seed=1), _ids(30, seed=2)
+    tail = _ids(10, seed=3)
+    la, _ = model.forward_long(torch.cat([a, tail], 1))
+    lb, _ = model.forward_long(torch.cat([b, tail], 1))
+    assert (la[:, -10:] - lb[:, -10:]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("context_len,question_len", [(53, 6), (50, 10), (3, 4), (41, 19)])
+def test_v1_generate_matches_official_generate(kind, tmp_path, context_len, question_len):
+    ref = build_reference(kind, segment_size=10)
+    model = ArmtModel.from_pretrained(write_official(ref, tmp_path))
+    context, question = _ids(context_len, 5), _ids(question_len, 6)
+    expected = ref.generate(torch.cat([context, question], 1), max_new_tokens=12)
+    state = model.ingest(model.new_state(), context)
+    got = list(model.generate(state, question, max_new_tokens=12))
+    assert got == expected
+
+
+def test_v1_safetensors_layout_and_aliases(kind, tmp_path):
+    ref = build_reference(kind)
+    directory = write_official(ref, tmp_path, fmt="safetensors")
+    model = ArmtModel.from_pretrained(directory)
+    ids = _ids(35)
+    assert_close(model.forward_long(ids)[0], ref.forward_long(ids), atol=1e-5, rtol=1e-5)
+
+
+def test_v2_with_sink_matches_reference(kind, tmp_path):
+    ref = build_reference(kind, version=2, use_sink=True)
+    model = ArmtModel.from_pretrained(write_official(ref, tmp_path, version=2, fmt="safetensors"))
+    ids = _ids(47)
+    assert_close(model.forward_long(ids)[0], ref.forward_long(ids), atol=1e-5, rtol=1e-5)
+    context, question = _ids(33, 7), _ids(5, 8)
+    expected = ref.generate(torch.cat([context, question], 1), max_new_tokens=8)
+    assert list(model.generate(model.ingest(model.new_state(), context), question, max_new_tokens=8)) == expected
+
+
+def test_v2_without_sink(tmp_path):
+    ref = build_reference("llama", version=2)
+    model = ArmtModel.from_pretrained(write_official(ref, tmp_path, version=2))
+    ids = _ids(44)
+    assert_close(model.forward_long(ids)[0], ref.forward_long(ids), atol=1e-5, rtol=1e-5)
+
+
+def test_gpt2_wrap_pos_detected_from_position_table(tmp_path):
+    ref = build_reference("gpt2", wrap_pos=True)
+    model = ArmtModel.from_pretrained(write_official(ref, tmp_path))
+    assert model.config.wrap_pos
+    ids = _ids(45)
+    assert_close(model.forward_long(ids)[0], ref.forward_long(ids), atol=1e-5, rtol=1e-5)
+
+
+def _loraize(state: dict, prefix: str, targets: list[str], r: int, alpha: float, conv1d: bool) -> dict:
+    """PEFT-wrap the base (`model.` -> `model.base_model.model.`) and split chosen weights W into
+    base_layer W0 + lora_A/lora_B with W = W0 + alpha / r * B @ A (transposed for GPT-2's Conv1D)."""
+    out = {}
+    g = torch.Generator().manual_seed(3)
+    for key, w in state.items():
+        rest = key[len(prefix):]
+        if not rest.startswith("model."):
+            out[key] = w
+            continue
+        new_key = prefix + "model.base_model.model." + rest[len("model."):]
+        module = new_key.removesuffix(".weight")
+        if not (key.endswith(".weight") and module.split(".")[-1] in targets):
+            out[new_key] = w
+            continue
+        out_f, in_f = (w.shape[1], w.shape[0]) if conv1d else tuple(w.shape)
+        A = torch.randn(r, in_f, generator=g) * 0.1
+        B = torch.randn(out_f, r, generator=g) * 0.1
+        delta = alpha / r * (B @ A)  # [out, in]
+        out[module + ".base_layer.weight"] = w - (delta.T if conv1d else delta)
+        out[module + ".lora_A.default.weight"] = A
+        out[module + ".lora_B.default.weight"] = B
+    return out
+
+
+@pytest.mark.parametrize("kind,targets,conv1d", [("llama", ["q_proj", "v_proj", "down_proj"], False),
+                                                  ("gpt2", ["c_attn", "c_fc"], True)])
+def test_lora_weights_are_merged(tmp_path, kind, targets, conv1d):
+    ref = build_reference(kind)
+    directory = write_official(ref, tmp_path)
+    state = torch.load(directory / "pytorch_model.bin", weights_only=True)
+    state = {k: v for k, v in state.items() if not k.startswith("memory_cell.layers.")}
+    torch.save(_loraize(state, "memory_cell.", targets, r=4, alpha=16.0, conv1d=conv1d),
+               directory / "pytorch_model.bin")
+    (directory / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 16.0}))
+    model = ArmtModel.from_pretrained(directory)
+    ids = _ids(33)
+    assert_close(model.forward_long(ids)[0], ref.forward_long(ids), atol=1e-5, rtol=1e-5)
+
+
+def test_lora_without_alpha_is_a_clear_error(tmp_path):
+    ref = build_reference("llama")
+    directory = write_official(ref, tmp_path)
+    state = torch.load(directory / "pytorch_model.bin", weights_only=True)
+    torch.save(_loraize(state, "memory_cell.", ["q_proj"], r=4, alpha=16.0, conv1d=False),
+               directory / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="lora_alpha"):
+        ArmtModel.from_pretrained(directory)
+
+
+def test_missing_key_names_key_and_shape(tmp_path):
+    directory = write_official(build_reference("llama"), tmp_path)
+    state = torch.load(directory / "pytorch_model.bin", weights_only=True)
+    del state["memory_cell.model.model.layers.1.layer.mlp.up_proj.weight"]
+    torch.save(state, directory / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj\.weight.*\(64, 32\)"):
+        ArmtModel.from_pretrained(directory)
+
+
+def test_misshaped_key_names_both_shapes(tmp_path):
+    directory = write_official(build_reference("gpt2"), tmp_path)
+    state = torch.load(directory / "pytorch_model.bin", weights_only=True)
+    state["memory_cell.model.transformer.h.0.W_mk.weight"] = torch.zeros(9, 32)
+    torch.save(state, directory / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"h\.0\.W_mk\.weight'.*\(9, 32\).*\(8, 32\)"):
+        ArmtModel.from_pretrained(directory)
+
+
+def test_missing_memory_layer_is_named(tmp_path):
+    directory = write_official(build_reference("llama"), tmp_path)
+    state = torch.load(directory / "pytorch_model.bin", weights_only=True)
+    del state["memory_cell.model.model.layers.2.W_mv.weight"]
+    torch.save(state, directory / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"W_mv for layers \[2\]"):
+        ArmtModel.from_pretrained(directory)
