@@ -84,6 +84,16 @@ class ArmtModel(ArmtEngineMixin, nn.Module):
                 f"positions but the GPT-2 base has n_positions={limit}"
             )
 
+    def stacked_blocks(self):
+        """The blocks' weights stacked over layers for the diagonal executor; rebuilt when a weight changed in
+        place (optimizer step, load) or moved, detected through the tensors' version counters."""
+        params = list(self.base.blocks.parameters())
+        key = (self.device, self.dtype, sum(p._version for p in params), tuple(p.data_ptr() for p in params[:1]))
+        if getattr(self, "_stacked_key", None) != key:
+            self._stacked = self.base.stacked_weights()
+            self._stacked_key = key
+        return self._stacked
+
     @property
     def device(self) -> torch.device:
         return self.memory.device

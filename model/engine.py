@@ -12,11 +12,12 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from .diagonal import Stream, run_diagonal, run_streams
 from .generation import SamplingParams, decode_final_segment
 from .sequential import run_sequential
 from .state import MemoryState
 
-EXECUTORS = {"sequential": run_sequential}
+EXECUTORS = {"sequential": run_sequential, "diagonal": run_diagonal}
 
 IdsLike = torch.Tensor | Sequence[int] | Sequence[Sequence[int]]
 
@@ -104,6 +105,36 @@ class ArmtEngineMixin:
         _, A, z = self._executor(executor)(self, write_ids, A, z, first, False)
         return MemoryState(A[0], z[0], self.fingerprint, tokens[n_write:], state.segments + n_write // S,
                            state.tokens_written + n_write)
+
+    @torch.no_grad()
+    def ingest_many(self, states: Sequence[MemoryState], ids_list: Sequence[IdsLike]) -> list[MemoryState]:
+        """`ingest` for several sessions at once through one diagonal pipeline (no drain between sessions).
+
+        Each result equals `ingest(states[i], ids_list[i])` run alone.
+        """
+        if len(states) != len(ids_list):
+            raise ValueError(f"ingest_many got {len(states)} states but {len(ids_list)} id lists")
+        S = self.config.segment_size
+        plans, streams = [], []
+        for state, ids in zip(states, ids_list):
+            state.check(self.fingerprint)
+            tokens = state.pending + self.check_ids(ids, allow_empty=True)[0].tolist()
+            n_write = (len(tokens) // S) * S
+            plans.append((state, tokens, n_write))
+            if n_write:
+                write = torch.tensor(tokens[:n_write], dtype=torch.int64, device=self.device)  # [n_write]
+                streams.append(Stream(write, state.A.to(self.device), state.z.to(self.device), state.segments == 0))
+        _, A, z = run_streams(self, streams) if streams else (None, None, None)
+        results, k = [], 0
+        for state, tokens, n_write in plans:
+            if n_write:
+                results.append(MemoryState(A[k], z[k], self.fingerprint, tokens[n_write:],
+                                           state.segments + n_write // S, state.tokens_written + n_write))
+                k += 1
+            else:
+                results.append(MemoryState(state.A.clone(), state.z.clone(), self.fingerprint, tokens,
+                                           state.segments, state.tokens_written))
+        return results
 
     def generate(
         self,

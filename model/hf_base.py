@@ -33,6 +33,13 @@ def load_base_config(directory: str | Path) -> PretrainedConfig:
     return config
 
 
+def make_config(kind: str, **kwargs) -> PretrainedConfig:
+    """An HF config for a new base (tests, benchmarks, training): kind is "llama" or "gpt2"."""
+    if kind not in DEFAULT_LAYERS_ATTR:
+        raise ValueError(f"base kind must be one of {sorted(DEFAULT_LAYERS_ATTR)}, got {kind!r}")
+    return AutoConfig.for_model(kind, **kwargs)
+
+
 def build_base(config: PretrainedConfig, dtype: torch.dtype) -> nn.Module:
     """An HF causal LM with this config (weights are loaded afterwards by the checkpoint code)."""
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
@@ -99,13 +106,27 @@ class BaseAdapter(nn.Module):
         # packed sequences, while the memory tokens of GPT-2 `wrap_pos` jump to the end of the table and must
         # still attend causally to the whole segment.
         mask = create_causal_mask(config=self.config, inputs_embeds=x, attention_mask=None, cache=cache)
-        rope = None
+        rope = self.rope(x, position_ids)
+        return self.position_input(x, position_ids), SegmentContext(mask, position_ids, rope, cache)
+
+    def position_input(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """Layer-0 input: GPT-2 adds its learned positions (and embedding dropout); LLaMA's are rotary."""
         if self.kind == "gpt2":
-            h = self.hf.transformer.drop(x + self.hf.transformer.wpe(position_ids))
-        else:
-            h = x
-            rope = self.hf.model.rotary_emb(x, position_ids=position_ids)
-        return h, SegmentContext(mask, position_ids, rope, cache)
+            return self.hf.transformer.drop(x + self.hf.transformer.wpe(position_ids))
+        return x
+
+    def rope(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(cos, sin) [1, T, head_dim] for rotary bases, None for GPT-2."""
+        return None if self.kind == "gpt2" else self.hf.model.rotary_emb(x, position_ids=position_ids)
+
+    def stacked_weights(self) -> dict:
+        """Every block's weights stacked over layers as [L, in, out] (plus norms and biases) for batched matmuls.
+
+        Names follow the block math in model/stacked.py; q/k/v and gate/up are fused into one matmul each.
+        """
+        from .stacked import stack_gpt2, stack_llama
+
+        return stack_gpt2(self.blocks, self.config) if self.kind == "gpt2" else stack_llama(self.blocks, self.config)
 
     def block(self, i: int, h: torch.Tensor, ctx: SegmentContext) -> torch.Tensor:
         """Decoder block i: [B, T, d] -> [B, T, d]."""

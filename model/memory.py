@@ -9,8 +9,10 @@ Equations (research/armt.md, arXiv 2407.04841), per layer, for hidden states h a
             A <- A + sum_i beta_i k_i (v_i - vbar_i)^T,   z <- z + sum_i gamma_i k_i
 All M memory tokens are written in one step from the pre-update A and z.
 
-Batch convention: every function takes a leading batch dim B (sessions, or active diagonal cells); the memory
-math runs in the state's dtype (fp32 by default) whatever the model's dtype, and the read returns the model's dtype.
+Batch convention: every function takes a leading batch dim B (sessions, or active diagonal cells); projection
+weights are either one layer's ([out, in]) or one per batch row ([B, out, in], the diagonal executor's cells at
+different layers). The memory math runs in the state's dtype (fp32 by default) whatever the model's dtype, and the
+read returns the model's dtype.
 """
 from __future__ import annotations
 
@@ -18,6 +20,12 @@ import torch
 import torch.nn.functional as F
 
 EPS = 1e-5
+
+
+def project(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """x [B, T, in] @ W^T: W is [out, in] (shared) or [B, out, in] (per row); b is [out] or [B, out]."""
+    y = torch.matmul(x, W.transpose(-1, -2))  # [B, T, out]
+    return y if b is None else y + b.unsqueeze(-2)
 
 
 def dpfp(x: torch.Tensor, nu: int = 3) -> torch.Tensor:
@@ -40,9 +48,9 @@ def associative_read(
 ) -> torch.Tensor:
     """The memory's contribution to the layer input (add it to h).
 
-    h: [B, T, d] (model dtype); W_q: [d_mem, d]; A: [B, d_key, d]; z: [B, d_key] -> [B, T, d] in h's dtype.
+    h: [B, T, d] (model dtype); W_q: [d_mem, d] or [B, d_mem, d]; A: [B, d_key, d]; z: [B, d_key] -> [B, T, d] in h's dtype.
     """
-    q = feature_map(F.linear(h, W_q), normalize).to(A.dtype)  # [B, T, d_key]
+    q = feature_map(project(h, W_q), normalize).to(A.dtype)  # [B, T, d_key]
     num = torch.bmm(q, A)  # [B, T, d]
     denom = torch.bmm(q, z.unsqueeze(-1)) + EPS  # [B, T, 1]
     return (num / denom).to(h.dtype)
@@ -63,12 +71,12 @@ def delta_write(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Delta-rule write of the M memory-token outputs; returns the new (A, z) (inputs untouched).
 
-    m: [B, M, d]; W_k: [d_mem, d]; W_v: [d, d]; W_b: [1, d]; b_b: [1]; A: [B, d_key, d]; z: [B, d_key];
+    m: [B, M, d]; W_k: [d_mem, d]; W_v: [d, d]; W_b: [1, d]; b_b: [1] (or each with a leading [B]); A: [B, d_key, d]; z: [B, d_key];
     first: [B] bool, True where this is the session's first written segment (vbar = 0, gamma = 1).
     """
-    k = feature_map(F.linear(m, W_k), normalize).to(A.dtype)  # [B, M, d_key]
-    v = F.linear(m, W_v).to(A.dtype)  # [B, M, d]
-    beta = torch.sigmoid(F.linear(m, W_b, b_b)).to(A.dtype)  # [B, M, 1]
+    k = feature_map(project(m, W_k), normalize).to(A.dtype)  # [B, M, d_key]
+    v = project(m, W_v).to(A.dtype)  # [B, M, d]
+    beta = torch.sigmoid(project(m, W_b, b_b)).to(A.dtype)  # [B, M, 1]
     denom = torch.bmm(k, z.unsqueeze(-1)) + EPS  # [B, M, 1]
     vbar = torch.bmm(k, A) / denom  # [B, M, d]
     if correction:

@@ -102,6 +102,36 @@ def init_random(out_dir: Path, base: str = "llama", layers: int = 4, hidden: int
     typer.echo(f"wrote {out_dir}")
 
 
+bench_app = typer.Typer(no_args_is_help=True, help="benchmarks (ratios measured side by side in one run)")
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("ingest")
+def bench_ingest(
+    preset: str = typer.Option("small", help="small | medium | llama-1b (model shape; random weights)"),
+    segments: str = typer.Option("2,8,64", help="document lengths, in segments"),
+    sessions: int = typer.Option(8, help="concurrent documents for the shared-pipeline comparison (0: skip)"),
+    session_segments: int = typer.Option(4, help="segments per concurrent document"),
+    repeats: int = typer.Option(3, help="timed runs per measurement (median; one warm-up first)"),
+    base_max_tokens: int = typer.Option(40_000, help="longest document for the bare full-attention base"),
+    device: str = "cpu",
+    bf16: bool = typer.Option(False, help="bfloat16 weights (the memory state stays fp32)"),
+    out: Path = typer.Option(Path("runs/bench-ingest.json"), help="JSON results"),
+    plot: Path = typer.Option(Path("runs/bench-ingest.png"), help="PNG of time vs length (needs matplotlib)"),
+) -> None:
+    """Bare base vs sequential vs diagonal ARMT ingest, and N sessions shared vs one by one."""
+    import torch
+
+    from model.bench import PRESETS, run
+
+    if preset not in PRESETS:
+        typer.echo(f"error: --preset must be one of {sorted(PRESETS)}", err=True)
+        raise typer.Exit(2)
+    lengths = [int(x) for x in segments.split(",") if x.strip()]
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    run(preset, lengths, sessions, session_segments, repeats, base_max_tokens, dtype, device, out, plot)
+
+
 @app.command()
 def demo(model_dir: Path = DEMO_DIR) -> None:
     """Engine smoke run (what `make serve` does until the HTTP service exists).
@@ -117,7 +147,7 @@ def demo(model_dir: Path = DEMO_DIR) -> None:
     rng = random.Random(0)
     doc = [rng.randrange(m.base.vocab_size) for _ in range(20_000)]
     start = time.perf_counter()
-    state = m.ingest(m.new_state(), doc)
+    state = m.ingest(m.new_state(), doc, executor="diagonal")
     elapsed = time.perf_counter() - start
     typer.echo(f"ingested {state.tokens} tokens ({state.segments} segments) in {elapsed:.2f}s "
                f"= {state.tokens / elapsed:.0f} tokens/s; memory state {state.nbytes} bytes")

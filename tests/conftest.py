@@ -35,7 +35,8 @@ LAYERS_ATTR = {"llama": "model.layers", "gpt2": "transformer.h"}
 
 
 def build_reference(kind: str, M: int = 4, d_mem: int = 8, segment_size: int = 10, version: int = 1,
-                    use_sink: bool = False, wrap_pos: bool = False, seed: int = 0, **overrides) -> RefArmt:
+                    use_sink: bool = False, wrap_pos: bool = False, seed: int = 0, value_std: float = 0.3,
+                    **overrides) -> RefArmt:
     """A reference ARMT with random, non-zero memory weights (W_mv included)."""
     torch.manual_seed(seed)
     cfg = tiny_config(kind, **overrides)
@@ -43,7 +44,7 @@ def build_reference(kind: str, M: int = 4, d_mem: int = 8, segment_size: int = 1
     cell = RefCell(hf, M, d_mem, LAYERS_ATTR[kind], version=version, use_sink=use_sink, wrap_pos=wrap_pos)
     with torch.no_grad():
         for layer in cell.layers:
-            layer.W_mv.weight.normal_(0, 0.3)  # the research init is zero: that would leave the memory unused
+            layer.W_mv.weight.normal_(0, value_std)  # the research init is zero: that would leave the memory unused
             layer.W_mq.weight.normal_(0, 0.3)
             layer.W_mk.weight.normal_(0, 0.3)
     return RefArmt(cell, segment_size).eval()

@@ -1,0 +1,143 @@
+"""Decoder blocks of several *different layers* applied at once: the compute kernel of diagonal batching.
+
+Each block's weights are stacked once over layers as [L, in, out]; a call runs layers lo..hi-1 on a batch of G =
+hi - lo cells (cell g is at layer lo + g) by slicing the stack, so every linear layer is one batched matmul and
+attention takes the cells as its batch dimension (each cell attends causally within its own segment).
+Written from the HF LLaMA / GPT-2 definitions; checked against the HF blocks through the sequential executor.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack([t.detach() for t in tensors]).contiguous()
+
+
+@dataclass
+class StackedBlocks:
+    kind: str  # "llama" | "gpt2"
+    w: dict  # name -> [L, ...] tensors
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    eps: float
+    act: Callable[[torch.Tensor], torch.Tensor]
+    scales: list[float]  # per-layer softmax scale (differs per layer only with GPT-2 inverse-layer-idx scaling)
+
+    def __call__(self, h: torch.Tensor, lo: int, hi: int, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """h [G, T, d] with G = hi - lo cells at layers lo..hi-1 -> block outputs [G, T, d]."""
+        if self.kind == "llama":
+            return _llama_blocks(self, h, lo, hi, rope)
+        return _gpt2_blocks(self, h, lo, hi)
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """q [G, T, Hq*hd], k/v [G, T, Hkv*hd] (rotated already) of layers lo..hi-1 -> [G, T, Hq*hd]."""
+        G, T, _ = q.shape
+        q = q.view(G, T, self.n_heads, self.head_dim).transpose(1, 2)  # [G, Hq, T, hd]
+        k = k.view(G, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [G, Hkv, T, hd]
+        v = v.view(G, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        scales = self.scales[lo:hi]
+        softmax_scale = scales[0]
+        if any(s != softmax_scale for s in scales):  # fold each cell's own scale into its queries
+            q = q * torch.tensor(scales, device=q.device, dtype=q.dtype).view(G, 1, 1, 1)
+            softmax_scale = 1.0
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=softmax_scale,
+                                             enable_gqa=self.n_kv_heads != self.n_heads)  # [G, Hq, T, hd]
+        return out.transpose(1, 2).reshape(G, T, self.n_heads * self.head_dim)  # [G, T, Hq*hd]
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """x [G, T, in] @ w [G, in, out] (+ b [G, out])."""
+    return torch.bmm(x, w) if b is None else torch.baddbmm(b.unsqueeze(1), x, w)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def _llama_blocks(sb: StackedBlocks, h: torch.Tensor, lo: int, hi: int, rope) -> torch.Tensor:
+    w, G, T = sb.w, h.shape[0], h.shape[1]
+    opt = lambda name: w[name][lo:hi] if name in w else None  # noqa: E731  (absent biases)
+    x = _rms_norm(h, w["ln1"][lo:hi], sb.eps)
+    qkv = _linear(x, w["qkv"][lo:hi], opt("qkv_b"))  # [G, T, (Hq + 2 Hkv) hd]
+    nq, nkv = sb.n_heads * sb.head_dim, sb.n_kv_heads * sb.head_dim
+    q, k, v = qkv.split([nq, nkv, nkv], dim=-1)
+    cos, sin = rope  # [1, T, hd]
+    q = _apply_rope(q.view(G, T, sb.n_heads, sb.head_dim), cos, sin).reshape(G, T, nq)
+    k = _apply_rope(k.view(G, T, sb.n_kv_heads, sb.head_dim), cos, sin).reshape(G, T, nkv)
+    h = h + _linear(sb.attention(q, k, v, lo, hi), w["o"][lo:hi], opt("o_b"))
+    x = _rms_norm(h, w["ln2"][lo:hi], sb.eps)
+    gate, up = _linear(x, w["gate_up"][lo:hi], opt("gate_up_b")).chunk(2, dim=-1)  # [G, T, ff] each
+    return h + _linear(sb.act(gate) * up, w["down"][lo:hi], opt("down_b"))
+
+
+def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [G, T, H, hd]; cos/sin [1, T, hd] -> rotated [G, T, H, hd]."""
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [1, T, 1, hd]
+    return x * cos + _rotate_half(x) * sin
+
+
+def _rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """LlamaRMSNorm with per-cell weights [G, d]: normalise in fp32, scale in the input dtype."""
+    x = h.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight.unsqueeze(1) * x.to(h.dtype)
+
+
+def _layer_norm(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.layer_norm(h, h.shape[-1:], eps=eps) * weight.unsqueeze(1) + bias.unsqueeze(1)
+
+
+def _gpt2_blocks(sb: StackedBlocks, h: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    w = sb.w
+    x = _layer_norm(h, w["ln1"][lo:hi], w["ln1_b"][lo:hi], sb.eps)
+    q, k, v = _linear(x, w["qkv"][lo:hi], w["qkv_b"][lo:hi]).chunk(3, dim=-1)  # [G, T, d] each
+    h = h + _linear(sb.attention(q, k, v, lo, hi), w["o"][lo:hi], w["o_b"][lo:hi])
+    x = _layer_norm(h, w["ln2"][lo:hi], w["ln2_b"][lo:hi], sb.eps)
+    x = sb.act(_linear(x, w["fc"][lo:hi], w["fc_b"][lo:hi]))
+    return h + _linear(x, w["proj"][lo:hi], w["proj_b"][lo:hi])
+
+
+def stack_llama(blocks, config) -> StackedBlocks:
+    """HF LlamaDecoderLayers -> StackedBlocks (nn.Linear weights [out, in] transposed to [in, out])."""
+    attn = [b.self_attn for b in blocks]
+    mlp = [b.mlp for b in blocks]
+    w = {
+        "ln1": _stack([b.input_layernorm.weight for b in blocks]),
+        "ln2": _stack([b.post_attention_layernorm.weight for b in blocks]),
+        "qkv": _stack([torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).T for a in attn]),
+        "o": _stack([a.o_proj.weight.T for a in attn]),
+        "gate_up": _stack([torch.cat([m.gate_proj.weight, m.up_proj.weight]).T for m in mlp]),
+        "down": _stack([m.down_proj.weight.T for m in mlp]),
+    }
+    if attn[0].q_proj.bias is not None:
+        w["qkv_b"] = _stack([torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]) for a in attn])
+    if attn[0].o_proj.bias is not None:
+        w["o_b"] = _stack([a.o_proj.bias for a in attn])
+    if mlp[0].gate_proj.bias is not None:
+        w["gate_up_b"] = _stack([torch.cat([m.gate_proj.bias, m.up_proj.bias]) for m in mlp])
+        w["down_b"] = _stack([m.down_proj.bias for m in mlp])
+    head_dim = attn[0].head_dim
+    return StackedBlocks("llama", w, config.num_attention_heads, config.num_key_value_heads, head_dim,
+                         config.rms_norm_eps, mlp[0].act_fn, [float(a.scaling) for a in attn])
+
+
+def stack_gpt2(blocks, config) -> StackedBlocks:
+    """HF GPT2Blocks -> StackedBlocks (Conv1D weights are [in, out] already)."""
+    w = {
+        "ln1": _stack([b.ln_1.weight for b in blocks]), "ln1_b": _stack([b.ln_1.bias for b in blocks]),
+        "ln2": _stack([b.ln_2.weight for b in blocks]), "ln2_b": _stack([b.ln_2.bias for b in blocks]),
+        "qkv": _stack([b.attn.c_attn.weight for b in blocks]), "qkv_b": _stack([b.attn.c_attn.bias for b in blocks]),
+        "o": _stack([b.attn.c_proj.weight for b in blocks]), "o_b": _stack([b.attn.c_proj.bias for b in blocks]),
+        "fc": _stack([b.mlp.c_fc.weight for b in blocks]), "fc_b": _stack([b.mlp.c_fc.bias for b in blocks]),
+        "proj": _stack([b.mlp.c_proj.weight for b in blocks]), "proj_b": _stack([b.mlp.c_proj.bias for b in blocks]),
+    }
+    head_dim = config.n_embd // config.n_head
+    return StackedBlocks("gpt2", w, config.n_head, config.n_head, head_dim, config.layer_norm_epsilon,
+                         blocks[0].mlp.act, [float(b.attn.scaling) for b in blocks])

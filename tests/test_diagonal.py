@@ -1,0 +1,105 @@
+"""The diagonal executor reproduces the sequential one: logits, every state tensor, across sessions."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from model import ArmtModel
+from tests.conftest import VOCAB, build_reference, write_official
+
+L = 4  # layers of the test models: segment counts 1, 2, L-1, L, L+1 are all different
+
+
+def _model(kind, tmp_path, **kw):
+    layers = {"num_hidden_layers": L} if kind == "llama" else {"n_layer": L}
+    ref = build_reference(kind, segment_size=10, value_std=0.05, **layers, **kw)
+    return ArmtModel.from_pretrained(write_official(ref, tmp_path, version=kw.get("version", 1)))
+
+
+def _close(actual, expected):
+    """Within 1e-5 relative to the tensor's scale."""
+    scale = float(expected.abs().max())
+    assert_close(actual, expected, rtol=1e-5, atol=1e-5 * max(scale, 1e-12))
+
+
+@pytest.mark.parametrize("n_segments", [1, 2, L - 1, L, L + 1, 100])
+def test_diagonal_equals_sequential(kind, tmp_path, n_segments):
+    model = _model(kind, tmp_path)
+    T = 10 * n_segments - 3  # a short last segment
+    ids = torch.randint(0, VOCAB, (2, T), generator=torch.Generator().manual_seed(n_segments))
+    seq_logits, seq_states = model.forward_long(ids, executor="sequential")
+    diag_logits, diag_states = model.forward_long(ids, executor="diagonal")
+    _close(diag_logits, seq_logits)
+    for a, b in zip(diag_states, seq_states):
+        _close(a.A, b.A)
+        _close(a.z, b.z)
+        assert (a.segments, a.tokens) == (b.segments, b.tokens)
+
+
+def test_long_document_memory_matters(tmp_path):
+    """The 100-segment check above is meaningful: history changes the last segment's logits by far more than 1e-5."""
+    model = _model("llama", tmp_path)
+    ids = torch.randint(0, VOCAB, (1, 997), generator=torch.Generator().manual_seed(0))
+    with_history, _ = model.forward_long(ids, executor="diagonal")
+    alone, _ = model.forward_long(ids[:, -7:], executor="diagonal")
+    assert float((with_history[0, -7:] - alone[0]).abs().max()) > 0.05 * float(alone.abs().max())
+
+
+@pytest.mark.parametrize("variant", [{"version": 2, "use_sink": True}, {"wrap_pos": True}])
+def test_diagonal_variants(tmp_path, variant):
+    kind = "gpt2" if variant.get("wrap_pos") else "llama"
+    model = _model(kind, tmp_path, **variant)
+    ids = torch.randint(0, VOCAB, (1, 67), generator=torch.Generator().manual_seed(1))
+    _close(model.forward_long(ids, executor="diagonal")[0], model.forward_long(ids, executor="sequential")[0])
+
+
+def test_ingest_and_generate_through_diagonal(kind, tmp_path):
+    model = _model(kind, tmp_path)
+    rng = random.Random(0)
+    doc = [rng.randrange(VOCAB - 2) for _ in range(143)]
+    seq = model.ingest(model.new_state(), doc, executor="sequential")
+    state = model.new_state()
+    for a, b in [(0, 31), (31, 32), (32, 143)]:
+        state = model.ingest(state, doc[a:b], executor="diagonal")
+    _close(state.A, seq.A)
+    assert state.pending == seq.pending
+    question = [5, 6, 7]
+    assert list(model.generate(state, question, max_new_tokens=6, executor="diagonal")) == \
+        list(model.generate(seq, question, max_new_tokens=6, executor="sequential"))
+
+
+def test_sessions_share_the_pipeline_and_get_their_own_results(kind, tmp_path):
+    model = _model(kind, tmp_path)
+    rng = random.Random(1)
+    docs = [[rng.randrange(VOCAB - 2) for _ in range(n)] for n in (41, 7, 100, 0, 10, 55)]
+    # some sessions start with history and a pending tail, some empty
+    starts = [model.ingest(model.new_state(), [1] * k) for k in (0, 13, 25, 3, 0, 10)]
+    together = model.ingest_many(starts, docs)
+    for start, doc, got in zip(starts, docs, together):
+        alone = model.ingest(start, doc, executor="sequential")
+        _close(got.A, alone.A)
+        _close(got.z, alone.z)
+        assert (got.pending, got.segments, got.tokens) == (alone.pending, alone.segments, alone.tokens)
+
+
+def test_ingest_many_argument_errors(tmp_path):
+    model = _model("llama", tmp_path)
+    with pytest.raises(ValueError, match="2 states but 1 id lists"):
+        model.ingest_many([model.new_state(), model.new_state()], [[1]])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_diagonal_matches_cpu_sequential(tmp_path, dtype):
+    ref = build_reference("llama", segment_size=10, value_std=0.05, num_hidden_layers=L)
+    directory = write_official(ref, tmp_path)
+    cpu = ArmtModel.from_pretrained(directory)
+    gpu = ArmtModel.from_pretrained(directory, device="cuda", dtype=dtype)
+    ids = torch.randint(0, VOCAB, (1, 97), generator=torch.Generator().manual_seed(2))
+    expected = cpu.forward_long(ids)[0]
+    got = gpu.forward_long(ids.cuda(), executor="diagonal")[0].float().cpu()
+    tol = 1e-4 if dtype == torch.float32 else 0.1
+    assert float((got - expected).abs().max()) <= tol * float(expected.abs().max())
