@@ -14,7 +14,7 @@ ARMT_CONFIG_NAME = "armt_config.json"
 DPFP_NU = 3  # the paper's DPFP order; d_key = 2 * nu * d_mem
 
 # Keys of the research repo's configs that change the model in ways this engine does not implement.
-_UNSUPPORTED_TRUE = ("sliding_window", "attend_to_previous_input", "gating")
+_UNSUPPORTED_TRUE = ("sliding_window", "attend_to_previous_input", "gating", "act_on")
 
 
 @dataclass
@@ -66,6 +66,9 @@ class ArmtConfig:
         for key in _UNSUPPORTED_TRUE:
             if self.extra.get(key):
                 raise ValueError(f"armt config: {key}=true is not supported by this engine")
+        if self.extra.get("segment_alignment", "left") not in ("left", None):
+            raise ValueError(f"armt config: only segment_alignment='left' is supported, got "
+                             f"{self.extra['segment_alignment']!r}")
 
     @property
     def d_key(self) -> int:

@@ -89,22 +89,15 @@ class ArmtEngineMixin:
         The result depends only on the concatenation of everything ever ingested, never on how it was split.
         Returns a new MemoryState; `state` is left as it was.
         """
-        state.check(self.fingerprint)
-        ids = self.check_ids(input_ids, allow_empty=True)
-        if ids.shape[0] != 1:
-            raise ValueError(f"ingest takes one session's ids [T] or [1, T], got batch {ids.shape[0]}")
-        tokens = state.pending + ids[0].tolist()
-        S = self.config.segment_size
-        n_write = (len(tokens) // S) * S
-        if n_write == 0:
-            return MemoryState(state.A.clone(), state.z.clone(), self.fingerprint, tokens, state.segments,
-                               state.tokens_written)
-        A, z = state.A.unsqueeze(0).to(self.device), state.z.unsqueeze(0).to(self.device)  # [1, L, ...]
-        first = torch.tensor([state.segments == 0], device=self.device)
-        write_ids = torch.tensor([tokens[:n_write]], dtype=torch.int64, device=self.device)  # [1, n_write]
-        _, A, z = self._executor(executor)(self, write_ids, A, z, first, False)
-        return MemoryState(A[0], z[0], self.fingerprint, tokens[n_write:], state.segments + n_write // S,
-                           state.tokens_written + n_write)
+        tokens, n_write = self._plan_ingest(state, input_ids)
+        A, z = state.A.clone(), state.z.clone()
+        if n_write:
+            first = torch.tensor([state.segments == 0], device=self.device)
+            write_ids = torch.tensor([tokens[:n_write]], dtype=torch.int64, device=self.device)  # [1, n_write]
+            _, A_new, z_new = self._executor(executor)(self, write_ids, A.unsqueeze(0).to(self.device),
+                                                       z.unsqueeze(0).to(self.device), first, False)
+            A, z = A_new[0], z_new[0]
+        return self._advanced(state, tokens, n_write, A, z)
 
     @torch.no_grad()
     def ingest_many(self, states: Sequence[MemoryState], ids_list: Sequence[IdsLike]) -> list[MemoryState]:
@@ -114,27 +107,33 @@ class ArmtEngineMixin:
         """
         if len(states) != len(ids_list):
             raise ValueError(f"ingest_many got {len(states)} states but {len(ids_list)} id lists")
-        S = self.config.segment_size
-        plans, streams = [], []
-        for state, ids in zip(states, ids_list):
-            state.check(self.fingerprint)
-            tokens = state.pending + self.check_ids(ids, allow_empty=True)[0].tolist()
-            n_write = (len(tokens) // S) * S
-            plans.append((state, tokens, n_write))
-            if n_write:
-                write = torch.tensor(tokens[:n_write], dtype=torch.int64, device=self.device)  # [n_write]
-                streams.append(Stream(write, state.A.to(self.device), state.z.to(self.device), state.segments == 0))
+        plans = [(state, *self._plan_ingest(state, ids)) for state, ids in zip(states, ids_list)]
+        streams = [Stream(torch.tensor(tokens[:n_write], dtype=torch.int64, device=self.device),  # [n_write]
+                          state.A.to(self.device), state.z.to(self.device), state.segments == 0)
+                   for state, tokens, n_write in plans if n_write]
         _, A, z = run_streams(self, streams) if streams else (None, None, None)
         results, k = [], 0
         for state, tokens, n_write in plans:
             if n_write:
-                results.append(MemoryState(A[k], z[k], self.fingerprint, tokens[n_write:],
-                                           state.segments + n_write // S, state.tokens_written + n_write))
+                results.append(self._advanced(state, tokens, n_write, A[k], z[k]))
                 k += 1
             else:
-                results.append(MemoryState(state.A.clone(), state.z.clone(), self.fingerprint, tokens,
-                                           state.segments, state.tokens_written))
+                results.append(self._advanced(state, tokens, 0, state.A.clone(), state.z.clone()))
         return results
+
+    def _plan_ingest(self, state: MemoryState, input_ids: IdsLike) -> tuple[list[int], int]:
+        """(pending tail + new ids, how many of them form whole segments to write now)."""
+        state.check(self.fingerprint)
+        ids = self.check_ids(input_ids, allow_empty=True)
+        if ids.shape[0] != 1:
+            raise ValueError(f"ingest takes one session's ids [T] or [1, T], got batch {ids.shape[0]}")
+        tokens = state.pending + ids[0].tolist()
+        S = self.config.segment_size
+        return tokens, (len(tokens) // S) * S
+
+    def _advanced(self, state: MemoryState, tokens: list[int], n_write: int, A, z) -> MemoryState:
+        segments = state.segments + n_write // self.config.segment_size
+        return MemoryState(A, z, self.fingerprint, tokens[n_write:], segments, state.tokens_written + n_write)
 
     def generate(
         self,

@@ -66,6 +66,10 @@ def test_armt_config_errors_name_the_numbers(tmp_path):
         ArmtConfig(num_mem_tokens=1, d_mem=2, segment_size=4, armt_version=3)
     with pytest.raises(ValueError, match="lacks required keys: d_mem"):
         ArmtConfig.from_dict({"num_mem_tokens": 1, "segment_size": 4})
+    with pytest.raises(ValueError, match="segment_alignment='left'.*'right'"):
+        ArmtConfig.from_dict({"num_mem_tokens": 1, "d_mem": 2, "segment_size": 4, "segment_alignment": "right"})
+    with pytest.raises(ValueError, match="sliding_window=true is not supported"):
+        ArmtConfig.from_dict({"num_mem_tokens": 1, "d_mem": 2, "segment_size": 4, "sliding_window": True})
     cfg = tiny_config("gpt2")
     with pytest.raises(ValueError, match="needs 132 positions.*n_positions=128"):
         ArmtModel.from_config(cfg, ArmtConfig(num_mem_tokens=4, d_mem=2, segment_size=128))
