@@ -92,13 +92,11 @@ class DiagonalPipeline:
     def _step(self, cells: list[Entry], lo: int, hi: int) -> torch.Tensor:
         """Read, block and write for the cells at layers lo..hi-1 (one batched call each)."""
         m, cfg = self.model, self.model.config
-        device = m.device
-        sess = torch.tensor([c.stream for c in cells], device=device)  # [G]
-        layers = torch.arange(lo, hi, device=device)  # [G]
-        first = torch.tensor([c.first for c in cells], device=device)  # [G] bool
-        A, z = self.A[sess, layers], self.z[sess, layers]  # gathered copies [G, d_key, d], [G, d_key]
+        first = torch.tensor([c.first for c in cells], device=m.device)  # [G] bool
+        index = self._memory_index(cells, lo, hi)
+        A, z = self.A[index], self.z[index]  # [G, d_key, d], [G, d_key]
         h = self.H[lo:hi]  # [G, T', d]
-        if not bool(first.all()):
+        if not all(c.first for c in cells):  # decided on the host: no device sync per step
             y = associative_read(h, m.W_mq[lo:hi], A, z, cfg.normalize_phi)
             h = h + y * (~first).to(h.dtype).view(-1, 1, 1)
         h = self.stacked(h, lo, hi, self.rope)
@@ -106,9 +104,18 @@ class DiagonalPipeline:
             mem = self._memory_outputs(cells, h)  # [G, M, d]
             A, z = delta_write(mem, m.W_mk[lo:hi], m.W_mv[lo:hi], m.W_mb[lo:hi], m.b_mb[lo:hi], A, z, first,
                                normalize=cfg.normalize_phi, correction=cfg.correction)
-            self.A[sess, layers] = A
-            self.z[sess, layers] = z
+            self.A[index] = A
+            self.z[index] = z
         return h
+
+    def _memory_index(self, cells: list[Entry], lo: int, hi: int):
+        """Where the cells' memories live in A [N, L, ...]: a plain slice when one session fills the step (the
+        common case, no gather), else (session ids [G], layer ids [G]) for advanced indexing."""
+        first_stream = cells[0].stream
+        if all(c.stream == first_stream for c in cells):
+            return (first_stream, slice(lo, hi))
+        device = self.model.device
+        return (torch.tensor([c.stream for c in cells], device=device), torch.arange(lo, hi, device=device))
 
     def _memory_outputs(self, cells: list[Entry], h: torch.Tensor) -> torch.Tensor:
         starts = [self.sink + c.end - c.start for c in cells]

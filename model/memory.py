@@ -28,13 +28,29 @@ def project(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None = None) -> 
     return y if b is None else y + b.unsqueeze(-2)
 
 
+_ROLL_INDEX: dict[tuple[int, int, torch.device], torch.Tensor] = {}
+
+
+def _roll_index(n: int, nu: int, device: torch.device) -> torch.Tensor:
+    """Indices that gather roll(x', j) for j = 1..nu in one call: entry (j, i) = (i - j) mod n."""
+    key = (n, nu, device)
+    if key not in _ROLL_INDEX:
+        i = torch.arange(n, device=device)
+        _ROLL_INDEX[key] = torch.cat([(i - j) % n for j in range(1, nu + 1)])  # [nu * n]
+    return _ROLL_INDEX[key]
+
+
 def dpfp(x: torch.Tensor, nu: int = 3) -> torch.Tensor:
     """Deterministic parameter-free projection: [..., d] -> [..., 2 * nu * d].
 
     x' = [relu(x), relu(-x)];  phi = concat_{j=1..nu} (x' * roll(x', j)) along the last dim.
+    The nu rolls are one gather (few kernels matter: this runs before and after every layer).
     """
-    xp = torch.cat([F.relu(x), F.relu(-x)], dim=-1)  # [..., 2d]
-    return torch.cat([xp * xp.roll(shifts=j, dims=-1) for j in range(1, nu + 1)], dim=-1)  # [..., 2 nu d]
+    xp = torch.cat([x, -x], dim=-1).clamp_min(0)  # [..., 2d] = [relu(x), relu(-x)]
+    n = xp.shape[-1]
+    rolled = xp.index_select(-1, _roll_index(n, nu, xp.device))  # [..., nu * 2d]
+    phi = rolled.unflatten(-1, (nu, n)) * xp.unsqueeze(-2)  # [..., nu, 2d]
+    return phi.flatten(-2)  # [..., 2 nu d]
 
 
 def feature_map(x: torch.Tensor, normalize: bool) -> torch.Tensor:
