@@ -128,7 +128,9 @@ def _detect_wrap_pos(armt: ArmtConfig, base_config, base_sd: dict) -> None:
             armt.wrap_pos = True  # the research code grew the position table by M rows for the memory tokens
 
 
-def from_pretrained(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> ArmtModel:
+def from_pretrained(
+    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> ArmtModel:
     directory = Path(path)
     if not directory.is_dir():
         raise FileNotFoundError(f"model directory {directory} does not exist")

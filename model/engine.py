@@ -90,14 +90,13 @@ class ArmtEngineMixin:
         Returns a new MemoryState; `state` is left as it was.
         """
         tokens, n_write = self._plan_ingest(state, input_ids)
-        A, z = state.A.clone(), state.z.clone()
-        if n_write:
-            first = torch.tensor([state.segments == 0], device=self.device)
-            write_ids = torch.tensor([tokens[:n_write]], dtype=torch.int64, device=self.device)  # [1, n_write]
-            _, A_new, z_new = self._executor(executor)(self, write_ids, A.unsqueeze(0).to(self.device),
-                                                       z.unsqueeze(0).to(self.device), first, False)
-            A, z = A_new[0], z_new[0]
-        return self._advanced(state, tokens, n_write, A, z)
+        if not n_write:  # only the pending tail grows; the memory is copied, never shared between states
+            return self._advanced(state, tokens, 0, state.A.clone(), state.z.clone())
+        first = torch.tensor([state.segments == 0], device=self.device)
+        write_ids = torch.tensor([tokens[:n_write]], dtype=torch.int64, device=self.device)  # [1, n_write]
+        A, z = state.A.unsqueeze(0).to(self.device), state.z.unsqueeze(0).to(self.device)  # [1, L, ...]
+        _, A, z = self._executor(executor)(self, write_ids, A, z, first, False)  # new tensors; inputs untouched
+        return self._advanced(state, tokens, n_write, A[0], z[0])
 
     @torch.no_grad()
     def ingest_many(self, states: Sequence[MemoryState], ids_list: Sequence[IdsLike]) -> list[MemoryState]:

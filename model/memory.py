@@ -64,7 +64,8 @@ def associative_read(
 ) -> torch.Tensor:
     """The memory's contribution to the layer input (add it to h).
 
-    h: [B, T, d] (model dtype); W_q: [d_mem, d] or [B, d_mem, d]; A: [B, d_key, d]; z: [B, d_key] -> [B, T, d] in h's dtype.
+    h: [B, T, d] (model dtype); W_q: [d_mem, d] or [B, d_mem, d]; A: [B, d_key, d]; z: [B, d_key]
+    -> [B, T, d] in h's dtype.
     """
     q = feature_map(project(h, W_q), normalize).to(A.dtype)  # [B, T, d_key]
     num = torch.bmm(q, A)  # [B, T, d]
@@ -87,7 +88,8 @@ def delta_write(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Delta-rule write of the M memory-token outputs; returns the new (A, z) (inputs untouched).
 
-    m: [B, M, d]; W_k: [d_mem, d]; W_v: [d, d]; W_b: [1, d]; b_b: [1] (or each with a leading [B]); A: [B, d_key, d]; z: [B, d_key];
+    m: [B, M, d]; W_k: [d_mem, d]; W_v: [d, d]; W_b: [1, d]; b_b: [1] (or each with a leading [B]);
+    A: [B, d_key, d]; z: [B, d_key];
     first: [B] bool, True where this is the session's first written segment (vbar = 0, gamma = 1).
     """
     k = feature_map(project(m, W_k), normalize).to(A.dtype)  # [B, M, d_key]

@@ -29,7 +29,9 @@ class StackedBlocks:
     act: Callable[[torch.Tensor], torch.Tensor]
     scales: list[float]  # per-layer softmax scale (differs per layer only with GPT-2 inverse-layer-idx scaling)
 
-    def __call__(self, h: torch.Tensor, lo: int, hi: int, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    def __call__(
+        self, h: torch.Tensor, lo: int, hi: int, rope: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> torch.Tensor:
         """h [G, T, d] with G = hi - lo cells at layers lo..hi-1 -> block outputs [G, T, d]."""
         if self.kind == "llama":
             return _llama_blocks(self, h, lo, hi, rope)

@@ -95,7 +95,9 @@ class MemoryState:
             os.close(dir_fd)
 
     @classmethod
-    def load(cls, path: str | Path, fingerprint: str | None = None, device: str | torch.device = "cpu") -> "MemoryState":
+    def load(
+        cls, path: str | Path, fingerprint: str | None = None, device: str | torch.device = "cpu"
+    ) -> "MemoryState":
         """Read a saved state; with `fingerprint`, refuse one written by another model."""
         path = Path(path)
         try:
