@@ -138,8 +138,11 @@ class ArmtModel(ArmtEngineMixin, nn.Module):
         first: torch.Tensor,
         write: bool,
         cache=None,
+        taps: dict | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """All blocks over one segment with the memory read before and write after each.
+
+        `taps`, if given, maps layer index -> None and receives each such block's output (training probes).
 
         x: [B, T, d]; A: [B, L, d_key, d]; z: [B, L, d_key]; first: [B] bool (no read; vbar = 0 on write).
         With `write`, the last M positions are the memory tokens and are written into every layer's memory.
@@ -155,6 +158,8 @@ class ArmtModel(ArmtEngineMixin, nn.Module):
                 y = associative_read(h, self.W_mq[layer], A_l, z_l, cfg.normalize_phi)  # [B, T, d]
                 h = h + y * (~first).to(h.dtype).view(-1, 1, 1)
             h = self.base.block(layer, h, ctx)
+            if taps is not None and layer in taps:
+                taps[layer] = h
             if write and cfg.num_mem_tokens:
                 m = h[:, -cfg.num_mem_tokens :]  # [B, M, d] memory-token outputs
                 A_l, z_l = delta_write(

@@ -27,7 +27,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 3000, extra_words: I
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS, PAD],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    boost = [" ".join(extra_words)] * 200 if extra_words else []
+    boost = [" " + " ".join(extra_words)] * 2000 if extra_words else []
     tok.train_from_iterator(list(texts) + boost, trainer=trainer)
     return tok
 

@@ -1,0 +1,94 @@
+"""BABILong-style tasks: bAbI facts hidden in real prose, a question at the end (research/armt.md).
+
+QA1 (single supporting fact): people move between places; "Where is X?" -> the place of X's latest move.
+QA2 (two supporting facts): people pick up and drop objects; "Where is the O?" -> where the object is now (with
+the person who carries it, or where it was dropped), which needs both the object fact and the carrier's move.
+Every generator is a pure function of its `random.Random`, so a seed fixes the data.
+"""
+from __future__ import annotations
+
+import random
+
+from .sample import Codec, Piece, Sample, assemble, fact_piece
+
+PEOPLE = ("Mary", "John", "Daniel", "Sandra")
+PLACES = ("bathroom", "bedroom", "garden", "hallway", "kitchen", "office")
+MOVES = ("moved to", "went to", "journeyed to", "travelled to", "went back to")
+OBJECTS = ("football", "apple", "milk")
+GRABS = ("picked up", "got", "grabbed", "took")
+DROPS = ("dropped", "discarded", "put down", "left")
+TASK_WORDS = PEOPLE + PLACES + OBJECTS + ("Where", "moved", "went", "journeyed", "travelled", "back")
+
+
+def move_piece(codec: Codec, rng: random.Random, person: str, place: str) -> Piece:
+    return fact_piece(codec, f"{person} {rng.choice(MOVES)} the {place}.", [(place, person)])
+
+
+def question_piece(codec: Codec, subject: str, probe_target: str) -> Piece:
+    """ " Where is X?" with the probe at "?" naming X (the subject just before it)."""
+    ids = codec.encode(f" Where is {subject}?")
+    return Piece(ids, [(len(ids) - 1, codec.word(probe_target))])
+
+
+def qa1(codec: Codec, rng: random.Random, n_tokens: int, split: str | None = "train",
+        n_facts: int | None = None, n_questions: int = 1, distinct: bool = False) -> Sample:
+    """A QA1 document of n_tokens: 2-5 moves in prose (or n_facts), then questions about people who moved.
+
+    The last question is about a random mover; earlier ones (training) about other movers. `distinct`: every
+    person moves at most once (no "latest move" to find; an easier start for training).
+    """
+    n_facts = n_facts if n_facts is not None else rng.randint(2, 5)
+    people = rng.sample(PEOPLE, min(n_facts, len(PEOPLE))) if distinct else None
+    n_facts = len(people) if distinct else n_facts
+    where: dict[str, str] = {}
+    facts = []
+    for i in range(n_facts):
+        person, place = people[i] if distinct else rng.choice(PEOPLE), rng.choice(PLACES)
+        where[person] = place
+        facts.append(move_piece(codec, rng, person, place))
+    asked = rng.sample(sorted(where), min(n_questions, len(where)))
+    questions = [(question_piece(codec, p, p), where[p]) for p in asked]
+    return assemble(codec, rng, split, facts, questions, n_tokens)
+
+
+def qa2(codec: Codec, rng: random.Random, n_tokens: int, split: str | None = "train",
+        n_facts: int | None = None, n_questions: int = 1) -> Sample:
+    """A QA2 document: moves, pick-ups and drops; "Where is the O?" for objects whose place is known."""
+    n_facts = n_facts if n_facts is not None else rng.randint(4, 8)
+    at: dict[str, str] = {}  # person -> place
+    holder: dict[str, str] = {}  # object -> person carrying it
+    dropped: dict[str, str] = {}  # object -> place where it lies
+    facts: list[Piece] = []
+    while len(facts) < n_facts:
+        person = rng.choice(PEOPLE)
+        carried = [o for o, p in holder.items() if p == person]
+        free = [o for o in OBJECTS if o not in holder]
+        action = rng.random()
+        if person not in at or action < 0.4:
+            at[person] = rng.choice(PLACES)
+            facts.append(move_piece(codec, rng, person, at[person]))
+        elif carried and action < 0.7:
+            obj = rng.choice(carried)
+            del holder[obj]
+            dropped[obj] = at[person]
+            facts.append(fact_piece(codec, f"{person} {rng.choice(DROPS)} the {obj}.", [(obj, person)]))
+        elif free:
+            obj = rng.choice(free)
+            holder[obj] = person
+            dropped.pop(obj, None)
+            facts.append(fact_piece(codec, f"{person} {rng.choice(GRABS)} the {obj}.", [(obj, person)]))
+    place = {o: at[p] for o, p in holder.items()} | dropped
+    if not place:  # nothing was ever picked up: ask about a person instead (still answered by the facts)
+        return qa1(codec, rng, n_tokens, split, n_facts=n_facts, n_questions=n_questions)
+    asked = rng.sample(sorted(place), min(n_questions, len(place)))
+    questions = [(question_piece(codec, f"the {o}", o), place[o]) for o in asked]
+    return assemble(codec, rng, split, facts, questions, n_tokens)
+
+
+TASKS = {"qa1": qa1, "qa2": qa2}
+
+
+def make(task: str, codec: Codec, rng: random.Random, n_tokens: int, split: str | None = "train", **kw) -> Sample:
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; available: {sorted(TASKS)} (and 'remember')")
+    return TASKS[task](codec, rng, n_tokens, split, **kw)

@@ -1,0 +1,85 @@
+"""Batches for training and evaluation: samples of one length collated into tensors, and the curriculum stages.
+
+A stage is a number of segments (0 = the dense stage: several facts packed into one segment with little prose).
+All documents of a batch have the same length (prose fills them exactly), chosen at random within the stage so
+that questions land anywhere in the last segment, as they do when a user's document ends mid-segment.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from ..tasks import Codec, Sample, generate, key_gap_value
+from ..tasks.remember import copy_half
+
+
+@dataclass
+class Batch:
+    ids: torch.Tensor  # [B, T]
+    answer_pos: torch.Tensor  # [N] flat positions (row * T + t) of answer tokens
+    answer_question: torch.Tensor  # [N] which question (0..Q-1) each answer token belongs to
+    n_questions: int
+    probe_pos: torch.Tensor  # [P] flat positions for the probe
+    probe_target: torch.Tensor  # [P] token ids the probe should name
+
+    @property
+    def tokens(self) -> int:
+        return self.ids.numel()
+
+
+def collate(samples: list[Sample], pad: int, with_probe: bool) -> Batch:
+    """Pad at the end (after every answer, so pads are never attended to by a scored position)."""
+    T = max(len(s) for s in samples)
+    ids = torch.full((len(samples), T), pad, dtype=torch.int64)  # [B, T]
+    a_pos, a_q, p_pos, p_tgt, q = [], [], [], [], 0
+    for row, s in enumerate(samples):
+        ids[row, : len(s)] = torch.tensor(s.ids)
+        for span in s.answers:
+            a_pos.extend(row * T + t for t in span)
+            a_q.extend([q] * len(span))
+            q += 1
+        if with_probe:
+            p_pos.extend(row * T + t for t, _ in s.probes)
+            p_tgt.extend(tok for _, tok in s.probes)
+    as_long = lambda xs: torch.tensor(xs, dtype=torch.int64)  # noqa: E731
+    return Batch(ids, as_long(a_pos), as_long(a_q), q, as_long(p_pos), as_long(p_tgt))
+
+
+def stage_length(rng: random.Random, stage: int, segment_size: int) -> int:
+    """Document length for a stage: one segment for the dense stage, else in (n - 1/2, n] segments."""
+    if stage == 0:
+        return segment_size
+    return stage * segment_size - rng.randrange(segment_size // 2)
+
+
+def task_batch(codec: Codec, rng: random.Random, task: str, stage: int, batch_size: int, segment_size: int,
+               questions: int, split: str = "train", with_probe: bool = True, **kw) -> Batch:
+    n_tokens = stage_length(rng, stage, segment_size)
+    samples = [document(codec, rng, task, stage, n_tokens, questions, split, **kw) for _ in range(batch_size)]
+    return collate(samples, codec.pad, with_probe)
+
+
+def document(codec: Codec, rng: random.Random, task: str, stage: int, n_tokens: int, questions: int,
+             split: str, **kw) -> Sample:
+    """One document: 2-5 facts (QA2: 4-8; the dense stage: 4-7), fewer when facts and questions overflow it."""
+    if task == "remember":
+        return generate(task, codec, rng, n_tokens, split, n_questions=questions)
+    lo, hi = (4, 7) if stage == 0 else FACTS.get(task, (2, 5))
+    for n_facts in range(rng.randint(lo, hi), 0, -1):
+        try:
+            return generate(task, codec, rng, n_tokens, split, n_facts=n_facts, n_questions=questions, **kw)
+        except ValueError:
+            continue
+    raise ValueError(f"no {task} document fits in {n_tokens} tokens")
+
+
+FACTS = {"qa1": (2, 5), "qa2": (4, 8)}
+
+
+def aux_batch(codec: Codec, rng: random.Random, batch_size: int, segment_size: int, copy: int = 0) -> Batch:
+    """key-gap-value samples (+ `copy` prose-repeat samples), one segment each."""
+    samples = [key_gap_value(codec, rng, segment_size) for _ in range(batch_size)]
+    samples += [copy_half(codec, rng, segment_size) for _ in range(copy)]
+    return collate(samples, codec.pad, with_probe=True)

@@ -1,0 +1,68 @@
+"""Exact-match evaluation against document length, with Wilson confidence intervals.
+
+A question counts as answered when greedy decoding would produce exactly the answer tokens and then EOS. That is
+measured teacher-forced: argmax at every answer position equals the answer token (the first position is exactly
+greedy's first token; each next one is greedy's next token given the previous ones were right). Whole segments
+before the last run through the (fast, no-grad) executor; the last segment gives logits.
+"""
+from __future__ import annotations
+
+import math
+import random
+
+import torch
+
+from ..tasks import Codec
+from .batches import collate, document, stage_length
+
+
+def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    if n == 0:
+        return 0.0, 1.0
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+@torch.no_grad()
+def score_batch(model, ids: torch.Tensor, answers: list[list[int]], executor: str = "diagonal") -> int:
+    """How many rows answer correctly; ids [B, T] with every row's answer span in its last segment."""
+    B, T = ids.shape
+    S = model.config.segment_size
+    cut = ((T - 1) // S) * S
+    if min(a[0] for a in answers) <= cut:
+        raise ValueError("evaluation needs every answer inside the last segment")
+    A, z = model._empty_memory(B)
+    first = torch.ones(B, dtype=torch.bool, device=model.device)
+    if cut:
+        _, A, z = model._executor(executor)(model, ids[:, :cut], A, z, first, False)
+        first = torch.zeros_like(first)
+    logits, _, _ = model.segment_forward(ids[:, cut:], A, z, first, True)  # [B, T - cut, V]
+    pred = logits.argmax(-1)  # [B, T - cut]
+    correct = 0
+    for row, span in enumerate(answers):
+        correct += all(int(pred[row, t - 1 - cut]) == int(ids[row, t]) for t in span)
+    return correct
+
+
+def accuracy(model, codec: Codec, task: str, segments: int, n_samples: int, split: str = "eval", seed: int = 0,
+             batch_size: int = 16, dense: bool = False, executor: str = "diagonal", distinct: bool = False) -> dict:
+    """Exact match on n_samples fresh documents of `segments` segments (one question each, at the end)."""
+    rng = random.Random(seed)
+    S = model.config.segment_size
+    was_training = model.training
+    model.eval()
+    correct = done = 0
+    while done < n_samples:
+        b = min(batch_size, n_samples - done)
+        n_tokens = stage_length(rng, 0 if dense else segments, S)
+        kw = {"distinct": True} if distinct else {}
+        samples = [document(codec, rng, task, 0 if dense else segments, n_tokens, 1, split, **kw) for _ in range(b)]
+        batch = collate(samples, codec.pad, with_probe=False)
+        correct += score_batch(model, batch.ids.to(model.device), [s.answers[-1] for s in samples], executor)
+        done += b
+    model.train(was_training)
+    lo, hi = wilson(correct, done)
+    return {"task": task, "segments": segments, "tokens": segments * S, "samples": done, "correct": correct,
+            "accuracy": correct / done, "ci95": [round(lo, 4), round(hi, 4)]}

@@ -1,0 +1,69 @@
+"""The training forward (back-propagation through the memory across all segments) and the losses.
+
+Runs the sequential order segment by segment with autograd on: the diagonal executor has no backward pass, and
+the sequential one is the reference order, so training sees exactly the computation served later.
+
+Name-binding probe (research/default-model-recipe.md): a linear head, training only, reads one layer's output
+through a LayerNorm without learned weights and names, at each place token of a fact, the person it belongs to
+(at "?" the subject asked about; in the key-gap-value task the key before each value). It teaches the step
+answer-only supervision did not find: the place token collecting which name it belongs to.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..sequential import split_segments
+from .batches import Batch
+
+
+class Probe(nn.Module):
+    def __init__(self, d_model: int, vocab: int, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.head = nn.Linear(d_model, vocab)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.head(F.layer_norm(h, h.shape[-1:]))  # [N, V]
+
+
+def hidden_states(model, ids: torch.Tensor, probe_layer: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """ids [B, T] -> (last block output [B, T, d], probe layer output [B, T, d] or None), from empty memory.
+
+    Every segment is read and written (the official forward); memory tokens are stripped from the outputs.
+    """
+    B = ids.shape[0]
+    A, z = model._empty_memory(B)
+    first = torch.ones(B, dtype=torch.bool, device=ids.device)
+    finals, probes = [], []
+    for start, end in split_segments(ids.shape[1], model.config.segment_size):
+        x, pos, off = model.segment_inputs(ids[:, start:end], with_memory=True)
+        taps = {probe_layer: None} if probe_layer is not None else None
+        h, A, z = model.run_layers(x, pos, A, z, first, write=True, taps=taps)
+        first = torch.zeros_like(first)
+        n = end - start
+        finals.append(h[:, off : off + n])  # [B, n, d]
+        if taps is not None:
+            probes.append(taps[probe_layer][:, off : off + n])
+    final = torch.cat(finals, dim=1)  # [B, T, d]
+    return final, (torch.cat(probes, dim=1) if probes else None)
+
+
+def losses(model, probe: Probe | None, batch: Batch, use_probe: bool) -> dict:
+    """Answer cross-entropy (+ probe cross-entropy) and per-question exact match for one batch."""
+    ids = batch.ids
+    final, tapped = hidden_states(model, ids, probe.layer if (probe is not None and use_probe) else None)
+    d = final.shape[-1]
+    flat = final.reshape(-1, d)  # [B*T, d]
+    logits = model.base.head(flat[batch.answer_pos - 1])  # [N, V]: position p is predicted from p - 1
+    targets = ids.reshape(-1)[batch.answer_pos]  # [N]
+    out = {"answer": F.cross_entropy(logits.float(), targets)}
+    hit = (logits.argmax(-1) == targets).float()  # [N]
+    wrong = torch.zeros(batch.n_questions).index_add_(0, batch.answer_question, 1 - hit)  # [Q]
+    out["correct"] = int((wrong == 0).sum())
+    out["questions"] = batch.n_questions
+    if tapped is not None and batch.probe_pos.numel():
+        probe_logits = probe(tapped.reshape(-1, d)[batch.probe_pos])  # [P, V]
+        out["probe"] = F.cross_entropy(probe_logits.float(), batch.probe_target)
+    return out

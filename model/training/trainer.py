@@ -1,0 +1,201 @@
+"""Curriculum trainer: segments 0 (dense) -> 1 -> 2 -> 4 -> 8 -> 16, AdamW with warm-up, clipping, probe, replay.
+
+One step = one batch of task documents of the current stage (or, with probability `replay`, of an earlier stage)
+plus an auxiliary key-gap-value batch. The stage advances when the running training accuracy and a held-out check
+(fresh documents from a separate generator) both pass `advance_at`. Checkpoints hold the model, the probe, the
+optimizer, the curriculum position and every random generator, so a resumed run continues exactly.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..tasks import Codec
+from .batches import aux_batch, task_batch
+from .evaluate import accuracy
+from .objective import Probe, losses
+
+
+@dataclass
+class TrainConfig:
+    task: str = "qa1"
+    stages: tuple[int, ...] = (0, 1, 2, 4, 8, 16)
+    batch_size: int = 32
+    aux_batch_size: int = 16  # key-gap-value samples per step (0: off)
+    copy_batch_size: int = 8  # prose-repeat (copy) samples per step, with the auxiliary batch
+    dense_distinct: bool = True  # dense stage: each person moves at most once (no latest-move ambiguity)
+    questions: int = 4  # questions per training document
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.98)
+    weight_decay: float = 0.01
+    warmup: int = 200
+    clip: float = 1.0
+    probe_weight: float = 0.2  # 0: no probe
+    probe_layer: int = 2  # 0-based block index whose output the probe reads
+    probe_max_stage: int = 2  # the probe applies to documents of at most this many segments
+    replay: float = 0.3
+    advance_at: float = 0.9
+    heldout: int = 256
+    check_every: int = 20
+    minutes: float = 45.0
+    max_steps: int = 100_000
+    seed: int = 0
+    checkpoint_every: float = 300.0  # seconds
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    stage_index: int = 0
+    seconds: float = 0.0
+    tokens: int = 0
+    window: list = field(default_factory=list)  # recent (correct, questions) of the current stage
+
+
+class Trainer:
+    def __init__(self, model, codec: Codec, cfg: TrainConfig, out_dir: Path):
+        self.model, self.codec, self.cfg, self.out = model, codec, cfg, Path(out_dir)
+        self.S = model.config.segment_size
+        vocab = model.base.vocab_size
+        self.probe = Probe(model.base.d_model, vocab, cfg.probe_layer).to(model.device) if cfg.probe_weight else None
+        params = list(model.parameters()) + (list(self.probe.parameters()) if self.probe else [])
+        self.opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        self.state = TrainState()
+        self.rng = random.Random(cfg.seed)
+        self.window: deque = deque(maxlen=20)
+        torch.manual_seed(cfg.seed)
+
+    # ------------------------------------------------------------------ one step
+    @property
+    def stage(self) -> int:
+        return self.cfg.stages[self.state.stage_index]
+
+    def lr_at(self, step: int) -> float:
+        return self.cfg.lr * min(1.0, (step + 1) / self.cfg.warmup)
+
+    def step(self) -> dict:
+        cfg, st = self.cfg, self.state
+        stage = self.stage
+        if st.stage_index and self.rng.random() < cfg.replay:
+            stage = self.cfg.stages[self.rng.randrange(st.stage_index)]
+        self.model.train()
+        kw = {"distinct": True} if stage == 0 and cfg.dense_distinct and cfg.task == "qa1" else {}
+        batch = task_batch(self.codec, self.rng, cfg.task, stage, cfg.batch_size, self.S, cfg.questions, **kw)
+        use_probe = self.probe is not None and stage <= cfg.probe_max_stage
+        out = losses(self.model, self.probe, batch, use_probe)
+        loss = out["answer"] + cfg.probe_weight * out.get("probe", 0.0)
+        tokens = batch.tokens
+        if cfg.aux_batch_size or cfg.copy_batch_size:
+            extra = aux_batch(self.codec, self.rng, cfg.aux_batch_size, self.S, cfg.copy_batch_size)
+            aux = losses(self.model, self.probe, extra, self.probe is not None)
+            loss = loss + aux["answer"] + cfg.probe_weight * aux.get("probe", 0.0)
+            tokens += extra.tokens
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr_at(st.step)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(self.opt.param_groups[0]["params"], cfg.clip)
+        self.opt.step()
+        st.step += 1
+        st.tokens += tokens
+        if stage == self.stage:
+            self.window.append((out["correct"], out["questions"]))
+        return {"step": st.step, "stage": stage, "loss": loss.item(), "answer_loss": out["answer"].item(),
+                "probe_loss": float(out["probe"].item()) if "probe" in out else None, "acc": out["correct"] / out["questions"],
+                "grad_norm": float(norm), "tokens": tokens}
+
+    def running_accuracy(self) -> float:
+        if len(self.window) < self.window.maxlen:
+            return 0.0
+        return sum(c for c, _ in self.window) / sum(q for _, q in self.window)
+
+    def maybe_advance(self) -> dict | None:
+        """Held-out check when the running accuracy passes; advance the stage when both pass."""
+        cfg, st = self.cfg, self.state
+        last = st.stage_index + 1 == len(cfg.stages)
+        if st.step % (cfg.check_every * (5 if last else 1)) or self.running_accuracy() < cfg.advance_at:
+            return None
+        seed = 10_000 + st.step
+        dense = self.stage == 0
+        held = accuracy(self.model, self.codec, cfg.task, max(self.stage, 1), cfg.heldout, split="train",
+                        seed=seed, dense=dense, distinct=dense and cfg.dense_distinct and cfg.task == "qa1")
+        event = {"step": st.step, "stage": self.stage, "heldout": held["accuracy"]}
+        if held["accuracy"] >= cfg.advance_at and st.stage_index + 1 < len(cfg.stages):
+            st.stage_index += 1
+            self.window.clear()
+            event["advanced_to"] = self.stage
+        return event
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> None:
+        """Everything needed to continue exactly: weights, probe, optimizer, curriculum, generators."""
+        ckpt = self.out / "checkpoint"
+        ckpt.mkdir(parents=True, exist_ok=True)
+        self.state.window = list(self.window)
+        blob = {"model": self.model.state_dict(), "probe": self.probe.state_dict() if self.probe else None,
+                "opt": self.opt.state_dict(), "torch_rng": torch.get_rng_state(), "rng": self.rng.getstate(),
+                "state": asdict(self.state), "config": asdict(self.cfg)}
+        tmp = ckpt / "trainer.pt.tmp"
+        torch.save(blob, tmp)
+        tmp.replace(ckpt / "trainer.pt")
+
+    def load_checkpoint(self) -> bool:
+        path = self.out / "checkpoint" / "trainer.pt"
+        if not path.is_file():
+            return False
+        blob = torch.load(path, weights_only=False)
+        self.model.load_state_dict(blob["model"])
+        if self.probe is not None and blob["probe"] is not None:
+            self.probe.load_state_dict(blob["probe"])
+        self.opt.load_state_dict(blob["opt"])
+        torch.set_rng_state(blob["torch_rng"])
+        self.rng.setstate(_tuples(blob["rng"]))
+        self.state = TrainState(**blob["state"])
+        self.window = deque((tuple(x) for x in self.state.window), maxlen=20)
+        return True
+
+    # ------------------------------------------------------------------ loop
+    def run(self, log, progress=None) -> None:
+        """Train until `minutes` of training time or `max_steps`; log(dict) gets every step and event."""
+        cfg, st = self.cfg, self.state
+        last_ckpt = time.monotonic()
+        while st.step < cfg.max_steps and st.seconds < cfg.minutes * 60:
+            t0 = time.perf_counter()
+            row = self.step()
+            event = self.maybe_advance()
+            st.seconds += time.perf_counter() - t0
+            row.update(seconds=round(st.seconds, 2), running_acc=round(self.running_accuracy(), 4),
+                       tokens_per_s=round(st.tokens / max(st.seconds, 1e-9)))
+            log(row)
+            if event:
+                log({"event": "heldout", **event})
+            if progress is not None:
+                progress(row)
+            if time.monotonic() - last_ckpt > cfg.checkpoint_every:
+                self.save_checkpoint()
+                last_ckpt = time.monotonic()
+            if not math.isfinite(row["loss"]):
+                raise FloatingPointError(f"loss became {row['loss']} at step {st.step}")
+        self.save_checkpoint()
+
+
+def _tuples(x):
+    return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def write_log(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = path.open("a", encoding="utf-8")
+
+    def log(row: dict) -> None:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+
+    return log

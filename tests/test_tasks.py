@@ -1,0 +1,96 @@
+"""Task generators and the tokenizer: deterministic, exact lengths, answers and probes where they claim to be."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from model.tasks import PEOPLE, PLACES, Codec, key_gap_value, qa1, qa2, remember
+from model.tasks.babi import OBJECTS
+from model.tasks.prose import eval_sentences, train_sentences
+from model.text import split_ready
+from model.training import default_tokenizer
+from model.training.batches import collate
+
+
+@pytest.fixture(scope="module")
+def codec():
+    return Codec(default_tokenizer(3000))
+
+
+def test_prose_sources_are_disjoint_and_nonempty():
+    train, held = train_sentences(), eval_sentences()
+    assert len(train) > 1000 and len(held) > 1000
+    assert not set(train) & set(held)
+
+
+def test_task_words_are_single_tokens_and_any_text_round_trips(codec):
+    for w in PEOPLE + PLACES + OBJECTS:
+        codec.word(w)
+    text = "naïve café — 東京 😀 \x00 tabs\tand\nnewlines"
+    assert codec.tokenizer.decode(codec.encode(text)) == text
+
+
+@pytest.mark.parametrize("split", ["train", "eval"])
+@pytest.mark.parametrize("n_tokens", [64, 200, 1000])
+def test_qa1_documents_are_exact_and_answer_is_the_latest_move(codec, split, n_tokens):
+    tok = codec.tokenizer
+    for seed in range(20):
+        s = qa1(codec, random.Random(seed), n_tokens, split, n_questions=4)
+        assert len(s) == n_tokens
+        assert s == qa1(codec, random.Random(seed), n_tokens, split, n_questions=4)  # deterministic
+        text = tok.decode(s.ids)
+        assert s.ids == tok.encode(text).ids  # pieces tokenized apart == the whole text tokenized
+        last_q = text.rindex(" Where is ")
+        person = text[last_q:].split()[2].rstrip("?")
+        body = text[: text.index(" Where is ")]
+        moves = [(body.rfind(f"{person} {verb} the {place}."), place)
+                 for verb in ("moved to", "went to", "journeyed to", "travelled to", "went back to")
+                 for place in PLACES]
+        assert max(moves)[1] == s.answer
+        for span in s.answers:
+            assert s.ids[span[-1]] == codec.eos
+        for pos, target in s.probes:
+            assert tok.decode([target]).strip() in PEOPLE
+
+
+def test_qa2_answers_follow_the_carrier(codec):
+    rng = random.Random(3)
+    seen = 0
+    for _ in range(50):
+        s = qa2(codec, rng, 300, n_questions=1)
+        assert len(s) == 300 and s.answer in PLACES
+        seen += " the " in codec.tokenizer.decode(s.ids[-8:])
+    assert seen > 25  # most questions are about objects
+
+
+def test_remember_and_key_gap_value(codec):
+    s = remember(codec, random.Random(0), 256)
+    text = codec.tokenizer.decode(s.ids)
+    key = text.rsplit("What is key ", 1)[1].split("?")[0]
+    assert text.rsplit(f" key {key} is ", 1)[1].split(".")[0] == s.answer
+    a = key_gap_value(codec, random.Random(1), 64)
+    assert len(a) <= 64 and len(a.answers) == 1 and a.probes
+
+
+def test_split_ready_makes_tokens_independent_of_cuts(codec):
+    rng = random.Random(0)
+    doc = codec.tokenizer.decode(qa1(codec, rng, 300, "eval").ids) + "  trailing\n\nwörds 😀x"
+    for _ in range(50):
+        cuts = sorted(rng.sample(range(len(doc)), 4))
+        held, ids, prev = "", [], 0
+        for c in cuts + [len(doc)]:
+            ready, held = split_ready(held + doc[prev:c])
+            ids += codec.encode(ready)
+            prev = c
+        assert ids + codec.encode(held) == codec.encode(doc)
+
+
+def test_collate_pads_after_answers(codec):
+    samples = [key_gap_value(codec, random.Random(i), 64) for i in range(4)]
+    b = collate(samples, codec.pad, with_probe=True)
+    T = b.ids.shape[1]
+    for row, s in enumerate(samples):
+        assert b.ids[row, : len(s)].tolist() == s.ids
+        assert (b.ids[row, len(s):] == codec.pad).all()
+    assert b.n_questions == 4 and b.probe_pos.max() < 4 * T
