@@ -45,7 +45,10 @@ class Settings(BaseSettings):
                                                   "else .cache/demo-model")
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    executor: Literal["diagonal", "sequential"] = "diagonal"
+    # sequential: bit-exact chunk invariance (equal state_digest however a document is split), sessions share
+    # ingest units one after another. diagonal: concurrent sessions share one batched pipeline (ingest_many),
+    # faster, but the batch composition changes float rounding (~1e-10), so digests can differ between splits.
+    executor: Literal["diagonal", "sequential"] = "sequential"
     data_dir: Path = Path(".cache/armt-data")
     api_keys: str = Field("", description="'key1=tenantA,key2=tenantB'; empty: no auth, one tenant 'default'")
     max_append_bytes: int = Field(8 * MiB, ge=1)
