@@ -229,6 +229,24 @@ def test_full_queue_is_429_with_retry_after_at_once(tiny_model_dir, tmp_path):
         client.__exit__(None, None, None)
 
 
+def test_sse_sends_ping_comments_while_a_question_waits(tiny_model_dir, tmp_path):
+    client = start(Settings(model=tiny_model_dir, data_dir=tmp_path, sse_ping_seconds=0.1))
+    try:
+        rt = client.app.state.runtime
+        gate = threading.Event()
+        rt.scheduler.submit(GenerateJob(rt.model.new_state(), [1, 2], 2, 0.0, 1.0, None,
+                                        lambda t: gate.wait(10) or True, lambda reason, error: None))
+        threading.Timer(0.8, gate.set).start()  # the engine is busy for 0.8 s
+        sid = new(client)
+        with client.stream("POST", f"/v1/sessions/{sid}/ask",
+                           json={"question": "q", "stream": True, "max_new_tokens": 2}) as r:
+            lines = list(r.iter_lines())
+        assert any(line.startswith(": ping") for line in lines), lines
+        assert [name for name, _ in parse_sse(iter(lines))][-1] == "done"
+    finally:
+        client.__exit__(None, None, None)
+
+
 def test_state_of_another_model_is_409(tiny_model_dir, tmp_path):
     foreign = SessionMeta(id="f" * 32, tenant="default", model="someone-else", created_at=1.0, updated_at=1.0)
     DiskStore(tmp_path).save(foreign, MemoryState(torch.zeros(2, 48, 32), torch.zeros(2, 48), "someone-else"))
