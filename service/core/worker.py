@@ -96,6 +96,8 @@ class EngineWorker:
 
     def _end(self, job: GenerateJob, reason: str | None, error: BaseException | None) -> None:
         self.scheduler.finish(job)
+        if isinstance(error, Cancelled):  # nobody sees an error body for these: count them here
+            self.stats.fail(error.code)
         if job.iterator is not None:
             job.iterator.close()
         try:
