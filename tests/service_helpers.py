@@ -70,15 +70,19 @@ class Server:
                     "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **env}
         self.cmd = [sys.executable, "-m", "service.cli", "serve", "--port", str(self.port), "--model",
                     str(model_dir)]
+        self.log = Path(data_dir).with_name(Path(data_dir).name + "-server.log")  # a file: a pipe could fill up
         self.proc: subprocess.Popen | None = None
 
+    def log_tail(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
+
     def start(self, timeout: float = 60.0) -> "Server":
-        self.proc = subprocess.Popen(self.cmd, cwd=REPO, env=self.env, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE)
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(self.cmd, cwd=REPO, env=self.env, stdout=log, stderr=log)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.proc.stderr.read().decode()[-2000:]}")
+                raise RuntimeError(f"server exited: {self.log_tail()}")
             try:
                 if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
                     return self
@@ -86,7 +90,7 @@ class Server:
                 pass
             time.sleep(0.1)
         self.stop()
-        raise RuntimeError("server did not become healthy")
+        raise RuntimeError(f"server did not become healthy: {self.log_tail()}")
 
     def kill(self) -> None:
         """SIGKILL: no shutdown hooks, like a crash."""
@@ -101,8 +105,6 @@ class Server:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
                 self.kill()
-        if self.proc and self.proc.stderr:
-            self.proc.stderr.close()
 
     def __enter__(self) -> "Server":
         return self.start()

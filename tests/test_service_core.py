@@ -76,3 +76,27 @@ def test_disk_store_refuses_another_models_state(tmp_path):
 def test_disk_store_never_builds_paths_from_bad_ids(tmp_path):
     with pytest.raises(StoreError, match="bad session id"):
         DiskStore(tmp_path).load("../../etc/passwd", "fp")
+
+
+def imported_modules(path) -> set[str]:
+    import ast
+
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_layering_core_has_no_http_and_model_has_no_service():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    http = {"fastapi", "starlette", "sse_starlette", "httpx", "uvicorn", "prometheus_client", "pydantic"}
+    for path in (root / "service" / "core").glob("*.py"):
+        assert not imported_modules(path) & http, path
+    for path in (root / "model").glob("*.py"):
+        assert not imported_modules(path) & (http | {"service"}), path

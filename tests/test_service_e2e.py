@@ -27,6 +27,7 @@ def server(tiny_model_dir, tmp_path_factory):
                  ARMT_MAX_NEW_TOKENS_LIMIT=str(LIMIT)).start()
     yield srv
     srv.stop()
+    assert "Traceback" not in srv.log.read_text(errors="replace"), srv.log_tail()
 
 
 @pytest.fixture()

@@ -272,6 +272,14 @@ def test_health_is_503_until_a_model_is_loaded(tmp_path):
         assert "retry-after" in r.headers
 
 
+def test_openapi_docs(c):
+    spec = c.get("/openapi.json").json()
+    append_op = spec["paths"]["/v1/sessions/{session_id}/append"]["post"]
+    assert "text/plain" in append_op["requestBody"]["content"]
+    assert {"/v1/sessions/{session_id}/ask", "/v1/chat/completions", "/health", "/metrics"} <= set(spec["paths"])
+    assert c.get("/docs").status_code == 200
+
+
 def test_ready_and_metrics(c):
     assert c.get("/ready").json() == {"status": "ready", "problems": []}
     sid = new(c)
