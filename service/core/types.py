@@ -100,9 +100,3 @@ class AnswerDone:
     finish_reason: str  # "stop" (eos or a stop string) | "length"
     prompt_tokens: int
     completion_tokens: int
-
-
-@dataclass(frozen=True)
-class AnswerFailed:
-    code: str
-    message: str
