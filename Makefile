@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 serve: install
-	$(VENV)/bin/armt demo
+	$(VENV)/bin/armt serve
 
 test: install
 	$(VENV)/bin/python -m pytest

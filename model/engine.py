@@ -175,6 +175,10 @@ class ArmtEngineMixin:
         final_ids = torch.tensor([final], dtype=torch.int64, device=self.device)  # [1, n]
         yield from decode_final_segment(self, final_ids, A, z, first, params)
 
+    def default_stop_ids(self) -> tuple[int, ...]:
+        """The stop tokens `generate` uses when given none (the base config's eos_token_id)."""
+        return self._stop_ids(None)
+
     def _stop_ids(self, stop_token_ids: Sequence[int] | None) -> tuple[int, ...]:
         if stop_token_ids is not None:
             return tuple(int(t) for t in stop_token_ids)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,13 +63,34 @@ class MemoryState:
             "tokens_written": self.tokens_written,
         }
 
-    def to_bytes(self) -> bytes:
+    def to_bytes(self, extra_metadata: dict[str, str] | None = None) -> bytes:
+        """The safetensors file; `extra_metadata` (string values) rides in the same header, so that a caller
+        (the service's session store) can keep its own metadata in one file, written in one atomic rename."""
         tensors = {
             "A": self.A.detach().cpu().contiguous(),
             "z": self.z.detach().cpu().contiguous(),
             "pending": torch.tensor(self.pending, dtype=torch.int64),
         }
-        return save(tensors, metadata={"armt": json.dumps(self.metadata(), sort_keys=True)})
+        metadata = {**(extra_metadata or {}), "armt": json.dumps(self.metadata(), sort_keys=True)}
+        return save(tensors, metadata=metadata)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, fingerprint: str | None = None) -> "MemoryState":
+        """Inverse of `to_bytes`; with `fingerprint`, refuse a state written by another model."""
+        from safetensors.torch import load as load_tensors
+
+        meta = json.loads(header_metadata(data).get("armt", "{}"))
+        if meta.get("format") != STATE_FORMAT:
+            raise ValueError(f"not an ARMT memory state (format {meta.get('format')!r})")
+        try:
+            tensors = load_tensors(data)
+        except Exception as e:  # safetensors raises its own error type for corrupt data
+            raise ValueError(f"cannot read memory state: {e}") from None
+        state = cls(tensors["A"], tensors["z"], meta["fingerprint"], tensors["pending"].tolist(),
+                    int(meta["segments"]), int(meta["tokens_written"]))
+        if fingerprint is not None:
+            state.check(fingerprint)
+        return state
 
     def digest(self) -> str:
         """sha256 of the serialized state: equal digests mean bit-identical memory, tail and counters."""
@@ -116,3 +138,21 @@ class MemoryState:
         if fingerprint is not None:
             state.check(fingerprint)
         return state
+
+
+def header_metadata(data: bytes) -> dict[str, str]:
+    """The `__metadata__` of a safetensors file given its leading bytes (the header is enough, no tensors).
+
+    Raises ValueError when the bytes are not a safetensors header.
+    """
+    if len(data) < 8:
+        raise ValueError("not a safetensors file: shorter than its 8-byte header length")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > len(data) - 8:
+        raise ValueError(f"not a safetensors file: header of {n} bytes but only {len(data) - 8} follow")
+    try:
+        header = json.loads(data[8 : 8 + n])
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"not a safetensors file: bad header ({e})") from None
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return meta if isinstance(meta, dict) else {}

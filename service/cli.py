@@ -1,7 +1,5 @@
-"""`armt` command line: inspect a model directory, run a document + question through the engine, demo.
-
-The HTTP service (`armt serve`) arrives with the service issue; until then `make serve` runs `armt demo`.
-"""
+"""`armt` command line: the HTTP service (`serve`) and its client (`ingest`, `ask`, `sessions`); inspect a model
+directory, run a document + question through the engine, benchmarks, demo."""
 from __future__ import annotations
 
 import json
@@ -79,26 +77,45 @@ def generate(
                f"state {state.nbytes} bytes]", err=True)
 
 
+def demo_tokenizer(vocab: int):
+    """A byte-level BPE of `vocab` tokens trained on Python's bundled documentation (offline, ~1 s)."""
+    from pydoc_data.topics import topics
+
+    from model.text import train_tokenizer
+
+    return train_tokenizer(list(topics.values()), vocab_size=vocab)
+
+
 @app.command("init-random")
 def init_random(out_dir: Path, base: str = "llama", layers: int = 4, hidden: int = 128, vocab: int = 512,
-                num_mem_tokens: int = 16, d_mem: int = 32, segment_size: int = 64, seed: int = 0) -> None:
-    """Write a randomly initialised ARMT in the project format (untrained: for plumbing and benchmarks)."""
+                num_mem_tokens: int = 16, d_mem: int = 32, segment_size: int = 64, seed: int = 0,
+                tokenizer: bool = False) -> None:
+    """Write a randomly initialised ARMT in the project format (untrained: for plumbing and benchmarks).
+
+    --tokenizer adds a byte-level BPE tokenizer (trained on Python's docs, `vocab` tokens, its <|endoftext|> as
+    eos) so that the HTTP service, which takes text, can serve it.
+    """
     from transformers import GPT2Config, LlamaConfig
 
     from model import ArmtConfig, ArmtModel
+    from model.text import EOS
 
+    tok = demo_tokenizer(vocab) if tokenizer else None
+    eos = {"eos_token_id": tok.token_to_id(EOS), "bos_token_id": tok.token_to_id(EOS)} if tok else {}
     if base == "llama":
         cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden,
                           num_hidden_layers=layers, num_attention_heads=max(1, hidden // 32),
-                          max_position_embeddings=4096)
+                          max_position_embeddings=4096, **eos)
     elif base == "gpt2":
         cfg = GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=max(1, hidden // 32),
-                         n_positions=1024)
+                         n_positions=1024, **eos)
     else:
         typer.echo("error: --base must be llama or gpt2", err=True)
         raise typer.Exit(2)
     armt = ArmtConfig(num_mem_tokens=num_mem_tokens, d_mem=d_mem, segment_size=segment_size)
-    ArmtModel.from_config(cfg, armt, seed=seed).save_pretrained(out_dir)
+    model = ArmtModel.from_config(cfg, armt, seed=seed)
+    model.tokenizer = tok
+    model.save_pretrained(out_dir)
     typer.echo(f"wrote {out_dir}")
 
 
@@ -134,7 +151,7 @@ def bench_ingest(
 
 @app.command()
 def demo(model_dir: Path = DEMO_DIR) -> None:
-    """Engine smoke run (what `make serve` does until the HTTP service exists).
+    """Engine smoke run: ingest a random 20,000-token document, print the speed and a continuation.
 
     Uses MODEL_DIR, or writes an untrained random model there first: its answer is noise, it only shows that a
     long document goes into a fixed-size memory and an answer streams out.
@@ -153,6 +170,112 @@ def demo(model_dir: Path = DEMO_DIR) -> None:
                f"= {state.tokens / elapsed:.0f} tokens/s; memory state {state.nbytes} bytes")
     answer = list(m.generate(state, doc[:8], max_new_tokens=16, stop_token_ids=[]))
     typer.echo(f"greedy continuation (untrained model, token ids): {answer}")
+
+
+# ---------------------------------------------------------------------------------------------- HTTP service
+URL = typer.Option("http://127.0.0.1:8000", "--url", envvar="ARMT_URL", help="server address")
+API_KEY = typer.Option(None, "--api-key", envvar="ARMT_API_KEY", help="bearer key (when the server has keys)")
+
+
+def ensure_demo_model(model_dir: Path) -> None:
+    """The untrained demo model, with a tokenizer (the service takes text): created, or completed, when missing."""
+    if not (model_dir / "armt_config.json").is_file():
+        typer.echo(f"no model at {model_dir}: writing an untrained random demo model there (answers are noise)")
+        init_random(model_dir, tokenizer=True)
+    elif not (model_dir / "tokenizer.json").is_file():  # written by `armt demo`, which needs no tokenizer
+        vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+        demo_tokenizer(vocab).save(str(model_dir / "tokenizer.json"))
+
+
+@app.command()
+def serve(host: str = typer.Option(None, help="default ARMT_HOST or 127.0.0.1"),
+          port: int = typer.Option(None, help="default ARMT_PORT or 8000"),
+          model: Path = typer.Option(None, help="model directory (default ARMT_MODEL, else the default model, "
+                                                "else .cache/demo-model)")) -> None:
+    """Run the HTTP service (uvicorn); every other setting comes from ARMT_* variables (see README)."""
+    import uvicorn
+
+    from service.http.app import create_app
+    from service.settings import DEMO_MODEL_DIR, Settings
+
+    overrides = {k: v for k, v in {"host": host, "port": port, "model": model}.items() if v is not None}
+    settings = Settings(**overrides)
+    if settings.model_dir() == DEMO_MODEL_DIR:
+        ensure_demo_model(DEMO_MODEL_DIR)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
+
+
+def _client(url: str, api_key: str | None):
+    from service.client import ArmtClient
+
+    return ArmtClient(url, api_key=api_key)
+
+
+def _fail(error: Exception) -> None:
+    typer.echo(f"error: {error}", err=True)
+    raise typer.Exit(1)
+
+
+@app.command()
+def ingest(file: Path = typer.Argument(..., exists=True, dir_okay=False, readable=True),
+           session: str = typer.Option(None, help="append to this session (default: a new one)"),
+           url: str = URL, api_key: str = API_KEY,
+           chunk_bytes: int = typer.Option(1 << 20, help="bytes per append request")) -> None:
+    """Upload a UTF-8 text file of any size into a session; run again to resume after an interruption."""
+    import httpx
+    from tqdm import tqdm
+
+    from service.client import ArmtHTTPError, ingest_file
+
+    with _client(url, api_key) as client:
+        try:
+            session = session or client.create_session()["id"]
+            typer.echo(f"session {session}", err=True)
+            with tqdm(total=file.stat().st_size, unit="B", unit_scale=True, desc="ingest") as bar:
+                def progress(done: int, total: int) -> None:
+                    bar.update(done - bar.n)
+
+                result = ingest_file(client, file, session, chunk_bytes=chunk_bytes, progress=progress)
+        except (ArmtHTTPError, httpx.HTTPError, ValueError) as e:
+            _fail(e)
+    typer.echo(json.dumps({"session": session, **{k: result[k] for k in ("offset", "tokens", "segments")}}))
+
+
+@app.command()
+def ask(session: str, question: str, url: str = URL, api_key: str = API_KEY, max_new_tokens: int = 64,
+        temperature: float = 0.0) -> None:
+    """Ask a question about a session's document; the answer is printed as it streams."""
+    import httpx
+
+    from service.client import ArmtHTTPError
+
+    with _client(url, api_key) as client:
+        try:
+            for event in client.ask_stream(session, question, max_new_tokens=max_new_tokens,
+                                           temperature=temperature):
+                if event["event"] == "token":
+                    sys.stdout.write(event["text"])
+                    sys.stdout.flush()
+                elif event["event"] == "done":
+                    typer.echo(f"\n[{event['finish_reason']}, {event['usage']['completion_tokens']} tokens]",
+                               err=True)
+        except (ArmtHTTPError, httpx.HTTPError) as e:
+            _fail(e)
+
+
+@app.command()
+def sessions(url: str = URL, api_key: str = API_KEY) -> None:
+    """List your sessions: id, bytes acknowledged, tokens, last update."""
+    import httpx
+
+    from service.client import ArmtHTTPError
+
+    with _client(url, api_key) as client:
+        try:
+            for s in client.iter_sessions():
+                typer.echo(f"{s['id']}  {s['offset']:>12} bytes  {s['tokens']:>10} tokens  {s['updated_at']}")
+        except (ArmtHTTPError, httpx.HTTPError) as e:
+            _fail(e)
 
 
 if __name__ == "__main__":

@@ -73,3 +73,11 @@ def write_official(ref: RefArmt, directory: Path, version: int = 1, fmt: str = "
 @pytest.fixture(params=["llama", "gpt2"])
 def kind(request):
     return request.param
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny ARMT with a real byte-level BPE tokenizer, built once per test session (service tests)."""
+    from tests.service_helpers import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))

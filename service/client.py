@@ -1,0 +1,174 @@
+"""A small synchronous Python client for the HTTP API (httpx), and a resumable file upload on top of it.
+
+    with ArmtClient("http://127.0.0.1:8000", api_key="...") as c:
+        sid = c.create_session()["id"]
+        ingest_file(c, "book.txt", sid)                 # any size, resumes from the server's offset
+        for event in c.ask_stream(sid, "Who is Mary?"):
+            print(event.get("text", ""), end="")
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+
+RETRYABLE_STATUS = (429, 502, 503, 504)
+
+
+class ArmtHTTPError(Exception):
+    """A non-2xx answer: `status`, the error `code` and `message` of the body, and the whole `body`."""
+
+    def __init__(self, status: int, body: dict, retry_after: float | None = None) -> None:
+        err = body.get("error", {}) if isinstance(body, dict) else {}
+        self.status, self.body, self.retry_after = status, body, retry_after
+        self.code, self.message = err.get("code", "http_error"), err.get("message", str(body))
+        super().__init__(f"HTTP {status} {self.code}: {self.message}")
+
+
+class ArmtClient:
+    def __init__(self, url: str = "http://127.0.0.1:8000", api_key: str | None = None, timeout: float = 300.0,
+                 transport: httpx.BaseTransport | None = None) -> None:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout, transport=transport)
+
+    def __enter__(self) -> "ArmtClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.http.close()
+
+    def _json(self, response: httpx.Response):
+        if response.status_code >= 400:
+            try:
+                body = response.json()
+            except ValueError:
+                body = {"error": {"code": "http_error", "message": response.text[:500]}}
+            retry = response.headers.get("retry-after")
+            raise ArmtHTTPError(response.status_code, body, float(retry) if retry and retry.isdigit() else None)
+        return response.json() if response.content else None
+
+    # ------------------------------------------------------------------ sessions
+    def health(self) -> dict:
+        return self.http.get("/health").json()
+
+    def create_session(self) -> dict:
+        return self._json(self.http.post("/v1/sessions"))
+
+    def list_sessions(self, limit: int = 100, cursor: str | None = None) -> dict:
+        params = {"limit": limit, **({"cursor": cursor} if cursor else {})}
+        return self._json(self.http.get("/v1/sessions", params=params))
+
+    def iter_sessions(self) -> Iterator[dict]:
+        cursor = None
+        while True:
+            page = self.list_sessions(cursor=cursor)
+            yield from page["sessions"]
+            cursor = page["next_cursor"]
+            if not cursor:
+                return
+
+    def get_session(self, session_id: str) -> dict:
+        return self._json(self.http.get(f"/v1/sessions/{session_id}"))
+
+    def delete_session(self, session_id: str) -> None:
+        self._json(self.http.delete(f"/v1/sessions/{session_id}"))
+
+    def append(self, session_id: str, offset: int, data: bytes) -> dict:
+        """Append `data` at byte `offset` of the document; ArmtHTTPError 409 carries the current offset."""
+        return self._json(self.http.post(f"/v1/sessions/{session_id}/append", params={"offset": offset},
+                                         content=data, headers={"Content-Type": "text/plain; charset=utf-8"}))
+
+    # ------------------------------------------------------------------ questions
+    def ask(self, session_id: str, question: str, **params) -> dict:
+        """The whole answer: {"answer", "finish_reason", "usage"}."""
+        return self._json(self.http.post(f"/v1/sessions/{session_id}/ask",
+                                         json={"question": question, **params, "stream": False}))
+
+    def ask_stream(self, session_id: str, question: str, **params) -> Iterator[dict]:
+        """Server-sent events as dicts: {"event": "token", "text"}, then {"event": "done", "answer", ...}."""
+        body = {"question": question, **params, "stream": True}
+        with self.http.stream("POST", f"/v1/sessions/{session_id}/ask", json=body) as response:
+            if response.status_code >= 400:
+                response.read()
+                self._json(response)
+            for name, data in parse_sse(response.iter_lines()):
+                event = {"event": name or "message", **json.loads(data)}
+                if name == "error":
+                    raise ArmtHTTPError(500, event)
+                yield event
+
+
+def parse_sse(lines: Iterator[str]) -> Iterator[tuple[str | None, str]]:
+    """(event name, data) per server-sent event; comments (`: ping`) are skipped."""
+    name, data = None, []
+    for line in lines:
+        if not line:
+            if data:
+                yield name, "\n".join(data)
+            name, data = None, []
+        elif line.startswith(":"):
+            continue
+        elif line.startswith("event:"):
+            name = line[6:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].removeprefix(" "))
+    if data:
+        yield name, "\n".join(data)
+
+
+def ingest_file(client: ArmtClient, path: str | Path, session_id: str, chunk_bytes: int = 1 << 20,
+                progress: Callable[[int, int], None] | None = None, max_retries: int = 8,
+                sleep: Callable[[float], None] = time.sleep) -> dict:
+    """Upload a file to a session from the server's current offset, chunk by chunk; resumable.
+
+    The server's offset is the truth: after a 409, a dropped connection or a restart, the upload continues from
+    the offset the server acknowledged (the file is seeked there). Connection errors, 429 and 503 are retried
+    with exponential backoff (honouring Retry-After); `progress(done_bytes, total_bytes)` after every chunk.
+    """
+    path = Path(path)
+    total = path.stat().st_size
+    offset, failures, result = _offset(client, session_id, total), 0, None
+    with open(path, "rb") as f:
+        while offset < total:
+            f.seek(offset)
+            chunk = f.read(chunk_bytes)
+            try:
+                result = client.append(session_id, offset, chunk)
+                offset, failures = result["offset"], 0
+            except (httpx.TransportError, ArmtHTTPError) as e:
+                if isinstance(e, ArmtHTTPError) and e.status == 409 and "offset" in e.body.get("error", {}):
+                    offset = e.body["error"]["offset"]  # someone (an earlier attempt) got further: resume there
+                    continue
+                if isinstance(e, ArmtHTTPError) and e.status not in RETRYABLE_STATUS or failures >= max_retries:
+                    raise
+                failures += 1
+                sleep(_backoff(e, failures))
+                offset = _offset(client, session_id, total, sleep, max_retries)
+            if progress:
+                progress(offset, total)
+    return result or client.get_session(session_id)
+
+
+def _backoff(error: Exception, failures: int) -> float:
+    hint = getattr(error, "retry_after", None)
+    return hint if hint else min(30.0, 0.5 * 2 ** (failures - 1))
+
+
+def _offset(client: ArmtClient, session_id: str, total: int, sleep=time.sleep, retries: int = 8) -> int:
+    for attempt in range(retries + 1):
+        try:
+            offset = client.get_session(session_id)["offset"]
+            break
+        except (httpx.TransportError, ArmtHTTPError) as e:
+            if isinstance(e, ArmtHTTPError) and e.status not in RETRYABLE_STATUS or attempt == retries:
+                raise
+            sleep(_backoff(e, attempt + 1))
+    if offset > total:
+        raise ValueError(f"the session already holds {offset} bytes but the file has only {total}")
+    return offset

@@ -1,0 +1,74 @@
+"""One question being answered: the bridge between the engine worker thread and the request's event loop.
+
+The worker calls `on_token` / `on_done` on its own thread; they turn token ids into text (AnswerText: whole
+characters only, trimmed at a stop string) and hand events to the loop with call_soon_threadsafe. The request
+reads them from `events()`; leaving that iterator early (client disconnect) sets the job's cancel flag, and the
+worker drops the job before its next decode step.
+"""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from .errors import ArmtServiceError
+from .scheduler import GenerateJob
+from .textstream import AnswerText
+from .types import AnswerDone, AskParams, TextDelta
+
+_END = object()
+
+
+class AnswerRun:
+    def __init__(self, tokenizer, state, prompt_ids: list[int], params: AskParams,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self.text = AnswerText(tokenizer, params.stop)
+        self.prompt_tokens = len(state.pending) + len(prompt_ids)
+        self.loop = loop
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.job = GenerateJob(state, prompt_ids, params.max_new_tokens, params.temperature, params.top_p,
+                               params.seed, self._on_token, self._on_done)
+
+    def _put(self, item) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the loop is closed (server shutting down): nobody is listening
+            pass
+
+    def _on_token(self, token_id: int) -> bool:
+        delta = self.text.add(token_id)
+        if delta:
+            self._put(TextDelta(delta))
+        return not self.text.stopped
+
+    def _on_done(self, reason: str | None, error: BaseException | None) -> None:
+        if error is not None:
+            self._put(error)
+            return
+        tail = self.text.flush()
+        if tail:
+            self._put(TextDelta(tail))
+        self._put(AnswerDone(self.text.text, reason or "stop", self.prompt_tokens, len(self.text.ids)))
+        self._put(_END)
+
+    async def events(self) -> AsyncIterator[TextDelta | AnswerDone]:
+        """Text deltas, then one AnswerDone; raises the worker's error (an ArmtServiceError or a bug)."""
+        try:
+            while True:
+                item = await self.queue.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item if isinstance(item, ArmtServiceError) else RuntimeError("decoding failed") from item
+                yield item
+        finally:
+            self.job.cancel.set()  # no-op when finished; stops decoding when the client left early
+
+
+async def collect(events: AsyncIterator[TextDelta | AnswerDone]) -> AnswerDone:
+    """The whole answer of a non-streaming request."""
+    done = None
+    async for event in events:
+        if isinstance(event, AnswerDone):
+            done = event
+    assert done is not None
+    return done

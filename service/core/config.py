@@ -1,0 +1,24 @@
+"""The core's configuration as a plain dataclass; service/settings.py builds it once from the ARMT_* settings
+(defaults live there, not here)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class CoreConfig:
+    model_dir: Path
+    data_dir: Path
+    device: str
+    dtype: str  # "float32" | "bfloat16" | "float16"
+    executor: str  # "diagonal" | "sequential"
+    max_append_bytes: int  # one append's body
+    append_chunk_bytes: int  # bytes decoded + tokenized + ingested at a time while a body streams in
+    max_new_tokens_limit: int
+    max_question_chars: int
+    max_queue: int  # admitted engine jobs (waiting + running) before 429
+    max_batch_sessions: int  # sessions sharing one ingest unit
+    unit_segments: int  # segments per session per ingest unit (bounds a question's wait)
+    retry_after_seconds: float
+    state_cache_size: int  # memory states kept in RAM (the rest are read from the store on use)

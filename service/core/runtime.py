@@ -1,0 +1,89 @@
+"""The running core: loads the model off the request path, then starts the worker and the session service.
+
+`start()` returns at once and loads in a thread, so that the server answers /health with 503 while a large model
+loads (a probe can tell "loading" from "dead"); `sessions` is None until the model is ready.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from .config import CoreConfig
+from .errors import NotReady
+from .scheduler import Scheduler
+from .sessions import SessionService
+from .stats import ServiceStats
+from .store import DiskStore
+from .worker import EngineWorker
+
+log = logging.getLogger("armt.runtime")
+
+
+class Runtime:
+    def __init__(self, config: CoreConfig) -> None:
+        self.cfg = config
+        self.stats = ServiceStats()
+        self.status = "starting"  # starting -> loading -> ready | failed
+        self.error: str | None = None
+        self.model = None
+        self.store: DiskStore | None = None
+        self.scheduler: Scheduler | None = None
+        self.worker: EngineWorker | None = None
+        self.sessions: SessionService | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._load, name="armt-load", daemon=True)
+        self._thread.start()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until loading finished (tests, CLI); True when ready."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return self.status == "ready"
+
+    def _load(self) -> None:
+        self.status = "loading"
+        try:
+            start = time.perf_counter()
+            model = load_model(self.cfg)
+            store = DiskStore(self.cfg.data_dir)
+            scheduler = Scheduler(self.cfg.max_queue, self.cfg.max_batch_sessions, self.cfg.retry_after_seconds)
+            worker = EngineWorker(model, scheduler, self.stats, self.cfg.executor, self.cfg.unit_segments)
+            sessions = SessionService(model, store, scheduler, self.stats, self.cfg)
+            worker.start()
+        except Exception as e:  # reported by /health; the process stays up so that the reason is visible
+            log.exception("model load failed")
+            self.error, self.status = f"{type(e).__name__}: {e}", "failed"
+            return
+        self.model, self.store, self.scheduler, self.worker = model, store, scheduler, worker
+        self.sessions = sessions
+        self.status = "ready"
+        log.info("model %s loaded from %s in %.1fs; %d sessions in %s", model.fingerprint, self.cfg.model_dir,
+                 time.perf_counter() - start, len(sessions.index), self.cfg.data_dir)
+
+    def require(self) -> SessionService:
+        if self.sessions is None:
+            detail = f": {self.error}" if self.error else ""
+            raise NotReady(f"the model is {self.status}{detail}")
+        return self.sessions
+
+    def stop(self) -> None:
+        if self.worker is not None:
+            self.worker.stop()
+
+
+def load_model(cfg: CoreConfig):
+    import torch
+
+    from model import ArmtModel
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
+    model = ArmtModel.from_pretrained(cfg.model_dir, device=cfg.device, dtype=dtype)
+    if model.tokenizer is None:
+        raise ValueError(f"{cfg.model_dir} has no tokenizer.json: the HTTP service takes text and needs one")
+    vocab = model.tokenizer.get_vocab_size()
+    if vocab > model.base.vocab_size:
+        raise ValueError(f"tokenizer has {vocab} tokens but the model's vocabulary is {model.base.vocab_size}")
+    return model

@@ -1,0 +1,121 @@
+"""Who runs next: a bounded set of admitted jobs, handed to the engine worker as units of work. No tensors.
+
+Two kinds of job: an `IngestJob` (token ids to write into one session's memory) and a `GenerateJob` (a question
+decoded token by token). The HTTP layer submits through `SessionService`; a full scheduler refuses at once
+(`Overloaded` -> 429 + Retry-After) instead of letting requests queue without bound.
+
+Policy (`next_work`): every running decode gets one step per round, then the ingest jobs (up to `max_batch`
+sessions, oldest first) advance by one bounded unit together. So a question's first token waits for at most one
+ingest unit, never for another client's whole book, and concurrent appends share one diagonal pipeline.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .errors import Overloaded
+
+
+@dataclass(eq=False)
+class IngestJob:
+    """Write `ids` into `state` (opaque here); the result state is set on `future`. Cancel = drop the job."""
+
+    state: object
+    ids: list[int]
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+    cursor: int = 0  # ids already written
+    started: bool = False
+
+    @property
+    def cancelled(self) -> bool:
+        return self.future.cancelled()
+
+
+@dataclass(eq=False)
+class GenerateJob:
+    """Decode an answer; `on_token(id) -> keep going?` and `on_done(finish_reason, error)` run on the worker."""
+
+    state: object
+    prompt_ids: list[int]
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    seed: int | None
+    on_token: Callable[[int], bool]
+    on_done: Callable[[str | None, BaseException | None], None]
+    cancel: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default_factory=time.perf_counter)
+    started: bool = False
+    # the worker's own bookkeeping
+    iterator: object = None
+    generated: int = 0
+    last_token_at: float = 0.0
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel.is_set()
+
+
+@dataclass
+class Work:
+    decodes: list[GenerateJob]
+    ingests: list[IngestJob]
+
+
+class Scheduler:
+    """Thread-safe: submitted from the event loop, consumed by the worker thread."""
+
+    def __init__(self, max_queue: int = 64, max_batch: int = 16, retry_after: float = 1.0) -> None:
+        self.max_queue, self.max_batch, self.retry_after = max_queue, max_batch, retry_after
+        self._cv = threading.Condition()
+        self._ingests: list[IngestJob] = []
+        self._decodes: list[GenerateJob] = []
+        self._closed = False
+
+    def submit(self, job: IngestJob | GenerateJob) -> None:
+        with self._cv:
+            if self._closed:
+                raise Overloaded("the engine is shutting down", self.retry_after)
+            if len(self._ingests) + len(self._decodes) >= self.max_queue:
+                raise Overloaded(f"the engine queue is full ({self.max_queue} requests); retry later",
+                                 self.retry_after)
+            (self._ingests if isinstance(job, IngestJob) else self._decodes).append(job)
+            self._cv.notify_all()
+
+    def next_work(self, timeout: float) -> Work | None:
+        """The next round for the worker, or None after `timeout` seconds with nothing to do."""
+        with self._cv:
+            if not (self._ingests or self._decodes):
+                self._cv.wait(timeout)
+            if not (self._ingests or self._decodes) or self._closed:
+                return None
+            return Work(list(self._decodes), self._ingests[: self.max_batch])
+
+    def finish(self, job: IngestJob | GenerateJob) -> None:
+        with self._cv:
+            jobs = self._ingests if isinstance(job, IngestJob) else self._decodes
+            if job in jobs:
+                jobs.remove(job)
+
+    def close(self) -> list[IngestJob | GenerateJob]:
+        """Refuse new jobs and hand back the unfinished ones (the worker fails them)."""
+        with self._cv:
+            self._closed = True
+            left = self._ingests + self._decodes
+            self._ingests, self._decodes = [], []
+            self._cv.notify_all()
+            return left
+
+    @property
+    def waiting(self) -> int:
+        """Admitted jobs the worker has not started yet (armt_queue_depth)."""
+        with self._cv:
+            return sum(not j.started for j in self._ingests) + sum(not j.started for j in self._decodes)
+
+    @property
+    def running(self) -> int:
+        with self._cv:
+            return sum(j.started for j in self._ingests) + sum(j.started for j in self._decodes)

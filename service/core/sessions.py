@@ -1,0 +1,208 @@
+"""SessionService: the operations behind the API (create, list, get, delete, append, ask), on the event loop.
+
+It owns the in-memory index (session id -> metadata, rebuilt from the store at start-up), a small LRU of memory
+states, and one asyncio lock per session so that appends to one session run one at a time. Model work goes
+through the scheduler to the engine worker thread; store I/O runs in threads. Nothing here knows about HTTP.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterable, AsyncIterator
+
+from model.text import question_text
+
+from .answers import AnswerRun
+from .config import CoreConfig
+from .errors import InvalidRequest, OffsetConflict, PayloadTooLarge, SessionNotFound
+from .scheduler import IngestJob, Scheduler
+from .stats import ServiceStats
+from .store import SessionStore
+from .textstream import ReadyText, Utf8Stream
+from .types import SESSION_ID, AnswerDone, AppendResult, AskParams, LastAppend, SessionMeta, SessionPage, TextDelta
+
+CURSOR = re.compile(r"^(\d{1,20})-([0-9a-f]{32})$")
+
+
+class SessionService:
+    def __init__(self, model, store: SessionStore, scheduler: Scheduler, stats: ServiceStats,
+                 config: CoreConfig) -> None:
+        self.model, self.store, self.scheduler, self.stats, self.cfg = model, store, scheduler, stats, config
+        self.tokenizer = model.tokenizer
+        self.index: dict[str, SessionMeta] = {meta.id: meta for meta in store.scan()}
+        self._cache: OrderedDict[str, tuple[SessionMeta, object]] = OrderedDict()
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    # ------------------------------------------------------------------ lookups
+    def get(self, tenant: str, session_id: str) -> SessionMeta:
+        meta = self.index.get(session_id) if SESSION_ID.match(session_id) else None
+        if meta is None or meta.tenant != tenant:  # another tenant's session does not exist for this caller
+            raise SessionNotFound(f"no session {session_id}")
+        return meta
+
+    def list(self, tenant: str, limit: int, cursor: str | None) -> SessionPage:
+        """Oldest first; `cursor` is the `next_cursor` of the previous page."""
+        if not 1 <= limit <= 1000:
+            raise InvalidRequest(f"limit must be in 1..1000, got {limit}")
+        after: tuple[int, str] | None = None
+        if cursor:
+            m = CURSOR.match(cursor)
+            if not m:
+                raise InvalidRequest("cursor is not one this server returned")
+            after = (int(m.group(1)), m.group(2))
+        mine = sorted((s for s in self.index.values() if s.tenant == tenant), key=lambda s: s.sort_key)
+        if after is not None:
+            mine = [s for s in mine if s.sort_key > after]
+        page = mine[:limit]
+        more = len(mine) > limit
+        return SessionPage(page, f"{page[-1].sort_key[0]}-{page[-1].id}" if more else None)
+
+    # ------------------------------------------------------------------ create / delete
+    async def create(self, tenant: str) -> SessionMeta:
+        state = self.model.new_state()
+        now = time.time()
+        meta = SessionMeta(id=secrets.token_hex(16), tenant=tenant, model=self.model.fingerprint, created_at=now,
+                           updated_at=now)
+        return await self._commit(meta, state)
+
+    async def delete(self, tenant: str, session_id: str) -> None:
+        self.get(tenant, session_id)
+        async with self._lock(session_id):
+            self.get(tenant, session_id)  # deleted meanwhile?
+            await asyncio.to_thread(self.store.delete, session_id)
+            self.index.pop(session_id, None)
+            self._cache.pop(session_id, None)
+        self._locks.pop(session_id, None)
+
+    # ------------------------------------------------------------------ append
+    async def append(self, tenant: str, session_id: str, offset: int, body: AsyncIterable[bytes],
+                     declared_length: int | None) -> AppendResult:
+        """Append the document's next bytes at `offset`; returns only after the new state is durably stored."""
+        limit = self.cfg.max_append_bytes
+        if declared_length is not None and declared_length > limit:
+            raise PayloadTooLarge(f"append body of {declared_length} bytes is over the limit of {limit} bytes")
+        self.get(tenant, session_id)
+        async with self._lock(session_id):
+            meta, state = await self._snapshot(tenant, session_id)
+            if offset != meta.offset:
+                return await self._retry(meta, offset, body)
+            return await self._ingest_body(meta, state, body)
+
+    async def _retry(self, meta: SessionMeta, offset: int, body: AsyncIterable[bytes]) -> AppendResult:
+        """The same bytes at the last append's offset are a retry: answer as before, change nothing."""
+        last = meta.last_append
+        if last is None or offset != last.start or meta.offset != last.start + last.length:
+            raise OffsetConflict(f"append at offset {offset} but the session's document has {meta.offset} bytes",
+                                 offset=meta.offset)
+        sha, n = hashlib.sha256(), 0
+        async for chunk in body:
+            n += len(chunk)
+            if n > last.length:
+                break
+            sha.update(chunk)
+        if n != last.length or sha.hexdigest() != last.sha256:
+            raise OffsetConflict(f"bytes {offset}..{meta.offset} were already appended with different content",
+                                 offset=meta.offset)
+        return AppendResult(meta.offset, last.tokens, last.segments)
+
+    async def _ingest_body(self, meta: SessionMeta, state, body: AsyncIterable[bytes]) -> AppendResult:
+        decoder, text = Utf8Stream(meta.partial, meta.offset), ReadyText(meta.held)
+        sha, n, buf = hashlib.sha256(), 0, bytearray()
+        async for chunk in body:
+            n += len(chunk)
+            if n > self.cfg.max_append_bytes:
+                raise PayloadTooLarge(f"append body is over the limit of {self.cfg.max_append_bytes} bytes")
+            sha.update(chunk)
+            buf += chunk
+            if len(buf) >= self.cfg.append_chunk_bytes:  # never more than one chunk of the body in memory
+                state = await self._ingest_bytes(state, decoder, text, bytes(buf))
+                buf.clear()
+        if not n:
+            return AppendResult(meta.offset, meta.tokens, meta.segments)
+        state = await self._ingest_bytes(state, decoder, text, bytes(buf))
+        last = LastAppend(meta.offset, n, sha.hexdigest(), state.tokens, state.segments)
+        meta = meta.evolve(offset=meta.offset + n, held=text.held, partial=decoder.partial, last_append=last,
+                           updated_at=time.time())
+        meta = await self._commit(meta, state)
+        return AppendResult(meta.offset, meta.tokens, meta.segments)
+
+    async def _ingest_bytes(self, state, decoder: Utf8Stream, text: ReadyText, data: bytes):
+        ids = await asyncio.to_thread(self._tokenize, decoder, text, data)
+        if not ids:
+            return state
+        job = IngestJob(state, ids)
+        self.scheduler.submit(job)
+        return await asyncio.wrap_future(job.future)  # cancelling the request cancels the job
+
+    def _tokenize(self, decoder: Utf8Stream, text: ReadyText, data: bytes) -> list[int]:
+        pieces = text.feed(decoder.feed(data))
+        ids: list[int] = []
+        for enc in self.tokenizer.encode_batch(pieces, add_special_tokens=False) if pieces else []:
+            ids.extend(enc.ids)
+        return ids
+
+    # ------------------------------------------------------------------ ask
+    async def ask(self, tenant: str, session_id: str, params: AskParams) -> AsyncIterator[TextDelta | AnswerDone]:
+        """Submit a question; returns its event stream. Overload and lookup errors raise here, before any event."""
+        self._check_params(params)
+        meta, state = await self._snapshot(tenant, session_id)
+        prompt = self.tokenizer.encode(meta.held + question_text(params.question), add_special_tokens=False).ids
+        run = AnswerRun(self.tokenizer, state, prompt, params, asyncio.get_running_loop())
+        self.scheduler.submit(run.job)
+        return run.events()
+
+    def _check_params(self, p: AskParams) -> None:
+        if not p.question.strip():
+            raise InvalidRequest("question is empty")
+        if len(p.question) > self.cfg.max_question_chars:
+            raise InvalidRequest(f"question is {len(p.question)} characters; the limit is "
+                                 f"{self.cfg.max_question_chars}")
+        if not 1 <= p.max_new_tokens <= self.cfg.max_new_tokens_limit:
+            raise InvalidRequest(f"max_new_tokens must be in 1..{self.cfg.max_new_tokens_limit}, "
+                                 f"got {p.max_new_tokens}")
+        if not 0 <= p.temperature < float("inf"):
+            raise InvalidRequest(f"temperature must be >= 0, got {p.temperature}")
+        if not 0 < p.top_p <= 1:
+            raise InvalidRequest(f"top_p must be in (0, 1], got {p.top_p}")
+
+    # ------------------------------------------------------------------ state
+    def _lock(self, session_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(session_id, asyncio.Lock())
+
+    async def _snapshot(self, tenant: str, session_id: str) -> tuple[SessionMeta, object]:
+        """The session's committed (meta, state) pair: from the LRU, else read from the store (one file)."""
+        meta = self.get(tenant, session_id)
+        cached = self._cache.get(session_id)
+        if cached is not None and cached[0] is meta:
+            self._cache.move_to_end(session_id)
+            return cached
+        start = time.perf_counter()
+        pair = await asyncio.to_thread(self.store.load, session_id, self.model.fingerprint)
+        with self.stats.lock:
+            self.stats.store.load_seconds.observe(time.perf_counter() - start)
+        if self.index.get(session_id) is meta:  # not changed while we read
+            self._remember(session_id, (meta, pair[1]))
+            return meta, pair[1]
+        return pair
+
+    async def _commit(self, meta: SessionMeta, state) -> SessionMeta:
+        """Store meta + state durably (in a thread), then publish them to the index and the LRU."""
+        meta = meta.evolve(tokens=state.tokens, segments=state.segments, pending_tokens=len(state.pending),
+                           state_bytes=state.nbytes, state_digest=await asyncio.to_thread(state.digest))
+        start = time.perf_counter()
+        await asyncio.to_thread(self.store.save, meta, state)
+        with self.stats.lock:
+            self.stats.store.save_seconds.observe(time.perf_counter() - start)
+        self.index[meta.id] = meta
+        self._remember(meta.id, (meta, state))
+        return meta
+
+    def _remember(self, session_id: str, pair: tuple[SessionMeta, object]) -> None:
+        self._cache[session_id] = pair
+        self._cache.move_to_end(session_id)
+        while len(self._cache) > self.cfg.state_cache_size:
+            self._cache.popitem(last=False)

@@ -1,0 +1,140 @@
+"""Session storage behind one protocol; `DiskStore` keeps each session as one safetensors file.
+
+A session's memory state and its metadata (offset, held-back text, last append, ...) live in the same file: the
+tensors plus a header whose metadata holds the session JSON. A write goes to a temporary file, is fsynced, renamed
+over the old file and the directory is fsynced, so after a crash the file is the old session or the new one, never a
+mix, and never a state that disagrees with its offset. The index is rebuilt from the file headers at start-up.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Protocol
+
+from model import MemoryState, StateMismatchError
+from model.state import header_metadata
+
+from .errors import StateConflict, StoreError
+from .types import SESSION_ID, SessionMeta
+
+log = logging.getLogger("armt.store")
+SESSION_KEY = "armt_session"  # header metadata key holding the session JSON
+
+
+class SessionStore(Protocol):
+    """What the service needs from a store; a Redis or object-store backend implements the same."""
+
+    def scan(self) -> Iterator[SessionMeta]:
+        """Every stored session's metadata (reads no tensors); used to rebuild the index at start-up."""
+
+    def save(self, meta: SessionMeta, state: MemoryState) -> None:
+        """Durably store meta and state together (atomic: old or new, never a mix)."""
+
+    def load(self, session_id: str, fingerprint: str) -> tuple[SessionMeta, MemoryState]:
+        """Meta and state as last saved; StateConflict if another model wrote the state."""
+
+    def delete(self, session_id: str) -> None: ...
+
+    def check(self) -> str | None:
+        """None when usable, else why not (for /ready)."""
+
+    def total_bytes(self) -> int: ...
+
+
+class DiskStore:
+    """One file per session under `root/sessions/<id>.safetensors`."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.dir = self.root / "sessions"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._sizes: dict[str, int] = {}
+        for leftover in self.dir.glob(".*.tmp"):  # a write interrupted by a crash: never acknowledged
+            leftover.unlink(missing_ok=True)
+
+    def _path(self, session_id: str) -> Path:
+        if not SESSION_ID.match(session_id):  # ids are validated before; this keeps paths safe regardless
+            raise ValueError(f"bad session id {session_id!r}")
+        return self.dir / f"{session_id}.safetensors"
+
+    def scan(self) -> Iterator[SessionMeta]:
+        for path in sorted(self.dir.glob("*.safetensors")):
+            if not SESSION_ID.match(path.stem):
+                continue
+            try:
+                meta = SessionMeta.from_json(json.loads(header_metadata(_read_header(path))[SESSION_KEY]))
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                log.error("skipping unreadable session file %s: %s", path, e)
+                continue
+            self._sizes[meta.id] = path.stat().st_size
+            yield meta
+
+    def save(self, meta: SessionMeta, state: MemoryState) -> None:
+        path = self._path(meta.id)
+        data = state.to_bytes({SESSION_KEY: json.dumps(meta.to_json(), sort_keys=True)})
+        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=f".{meta.id}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            _fsync_dir(self.dir)
+        except OSError as e:
+            Path(tmp).unlink(missing_ok=True)
+            raise StoreError(f"cannot write session {meta.id}: {e.strerror or e}") from None
+        self._sizes[meta.id] = len(data)
+
+    def load(self, session_id: str, fingerprint: str) -> tuple[SessionMeta, MemoryState]:
+        try:
+            data = self._path(session_id).read_bytes()
+            meta = SessionMeta.from_json(json.loads(header_metadata(data)[SESSION_KEY]))
+            state = MemoryState.from_bytes(data, fingerprint=fingerprint)
+        except StateMismatchError as e:
+            raise StateConflict(f"session {session_id} holds a state this server's model cannot use: {e}") from None
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise StoreError(f"cannot read session {session_id}: {e}") from None
+        return meta, state
+
+    def delete(self, session_id: str) -> None:
+        try:
+            self._path(session_id).unlink(missing_ok=True)
+            _fsync_dir(self.dir)
+        except OSError as e:
+            raise StoreError(f"cannot delete session {session_id}: {e.strerror or e}") from None
+        self._sizes.pop(session_id, None)
+
+    def check(self) -> str | None:
+        if not self.dir.is_dir():
+            return f"data directory {self.dir} is missing"
+        if not os.access(self.dir, os.W_OK | os.X_OK):
+            return f"data directory {self.dir} is not writable"
+        return None
+
+    def total_bytes(self) -> int:
+        return sum(self._sizes.values())
+
+
+def _read_header(path: Path) -> bytes:
+    """The 8-byte length and the JSON header of a safetensors file, without its tensors."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError("file shorter than a safetensors header")
+        (n,) = struct.unpack("<Q", head)
+        if n > 100_000_000:
+            raise ValueError(f"implausible safetensors header length {n}")
+        return head + f.read(n)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,102 @@
+"""Requests and results of the core as plain dataclasses (the HTTP layer converts them to and from JSON)."""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, replace
+
+SESSION_ID = re.compile(r"^[0-9a-f]{32}$")  # 128 random bits, hex; the only form ever used in a file name
+
+
+@dataclass(frozen=True)
+class LastAppend:
+    """The last acknowledged append, kept so that a retry of it (same offset, same bytes) is a no-op."""
+
+    start: int  # document byte offset the append started at
+    length: int  # bytes it carried
+    sha256: str  # of those bytes
+    tokens: int  # the answer it got: tokens and segments after it
+    segments: int
+
+
+@dataclass(frozen=True)
+class SessionMeta:
+    """Everything about a session except the memory tensors; stored in the same file as the state.
+
+    `held` is the unfinished tail of the text (the last word, see service.core.textstream) and `partial` an
+    incomplete UTF-8 sequence at the end of the bytes so far: both wait for the next append.
+    """
+
+    id: str
+    tenant: str
+    model: str  # fingerprint of the model that wrote the state
+    created_at: float
+    updated_at: float
+    offset: int = 0  # bytes of the document acknowledged
+    held: str = ""
+    partial: bytes = b""
+    tokens: int = 0  # tokens in the state (written + pending); the held text is not tokenized yet
+    segments: int = 0
+    pending_tokens: int = 0
+    state_bytes: int = 0
+    state_digest: str = ""
+    last_append: LastAppend | None = None
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["partial"] = self.partial.hex()
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "SessionMeta":
+        d = dict(d)
+        d["partial"] = bytes.fromhex(d.get("partial", ""))
+        last = d.get("last_append")
+        d["last_append"] = LastAppend(**last) if last else None
+        return cls(**d)
+
+    def evolve(self, **changes) -> "SessionMeta":
+        return replace(self, **changes)
+
+    @property
+    def sort_key(self) -> tuple[int, str]:
+        return int(self.created_at * 1_000_000), self.id
+
+
+@dataclass(frozen=True)
+class AppendResult:
+    offset: int
+    tokens: int
+    segments: int
+
+
+@dataclass(frozen=True)
+class SessionPage:
+    sessions: list[SessionMeta]
+    next_cursor: str | None
+
+
+@dataclass(frozen=True)
+class AskParams:
+    """A question and its sampling settings (validated by `SessionService.ask`)."""
+
+    question: str
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """A piece of the answer as it streams (never a split UTF-8 character)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class AnswerDone:
+    answer: str
+    finish_reason: str  # "stop" (eos or a stop string) | "length"
+    prompt_tokens: int
+    completion_tokens: int

@@ -1,0 +1,49 @@
+"""`create_app(settings)`: the FastAPI application. Nothing is loaded at import; the model loads in the lifespan
+(in a background thread, so that /health can say 503 "loading" meanwhile)."""
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from service.core.runtime import Runtime
+from service.http import errors
+from service.http.metrics import HttpMetrics, build_registry, package_version
+from service.http.routes import ask, openai, ops, sessions
+from service.settings import Settings
+
+DESCRIPTION = """Sessions hold a document in an ARMT's fixed-size associative memory: append the document's bytes
+(any size, in any pieces, resumable by byte offset), then ask questions, as JSON or streamed (SSE).
+Auth: `Authorization: Bearer KEY` on every /v1 route when ARMT_API_KEYS is set."""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    runtime = Runtime(settings.to_core())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        runtime.start()
+        try:
+            yield
+        finally:
+            runtime.stop()
+
+    app = FastAPI(title="armt-serve", version=package_version(), description=DESCRIPTION, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.runtime = runtime
+    app.state.tenants = settings.tenants()
+    app.state.registry = build_registry(runtime, {"version": package_version(), "device": settings.device,
+                                                  "dtype": settings.dtype, "executor": settings.executor})
+    errors.install(app)
+    for module in (sessions, ask, openai, ops):
+        app.include_router(module.router)
+    app.add_middleware(HttpMetrics, registry=app.state.registry)
+    logging.getLogger("armt").setLevel(settings.log_level.upper())
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """Factory for `uvicorn --factory service.http.app:app_from_env` (settings from ARMT_* variables)."""
+    return create_app(Settings())

@@ -1,0 +1,37 @@
+"""Operations endpoints, open without an API key: /health (liveness + model loaded), /ready, /metrics."""
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+router = APIRouter(tags=["ops"])
+
+
+@router.get("/health")
+async def health(request: Request) -> JSONResponse:
+    """200 once the model is loaded and the engine runs; 503 while loading (or when loading failed)."""
+    rt = request.app.state.runtime
+    alive = rt.status == "ready" and rt.worker is not None and rt.worker.alive
+    body = {"status": "ok" if alive else rt.status}
+    if rt.error:
+        body["error"] = rt.error
+    return JSONResponse(body, status_code=200 if alive else 503)
+
+
+@router.get("/ready")
+async def ready(request: Request) -> JSONResponse:
+    """Like /health, and the session store must be usable (data directory present and writable)."""
+    rt = request.app.state.runtime
+    problems = []
+    if rt.status != "ready" or rt.worker is None or not rt.worker.alive:
+        problems.append(f"model {rt.status}")
+    elif (why := rt.store.check()) is not None:
+        problems.append(why)
+    body = {"status": "ready" if not problems else "not_ready", "problems": problems}
+    return JSONResponse(body, status_code=200 if not problems else 503)
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    return Response(generate_latest(request.app.state.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,91 @@
+"""All of the service's settings in one place: `Settings` (pydantic-settings, environment prefix `ARMT_`).
+
+Defaults live only here; Dockerfiles and manifests override them through the environment. `to_core()` converts
+them once into the core's plain dataclass, so nothing below service/http reads the environment.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from service.core.config import CoreConfig
+
+DEMO_MODEL_DIR = Path(".cache/demo-model")
+MiB = 1024 * 1024
+_KEY_ITEM = re.compile(r"^([^=\s,]+)=([A-Za-z0-9_.\-]+)$")
+
+
+def default_model_dir() -> Path:
+    """The trained default model when this checkout has one (`model.default_model_path()`), else the demo model.
+
+    Imported lazily: the default model and its helper may not exist in every checkout. The demo model
+    (`.cache/demo-model`, untrained, random answers) is created by `armt serve` when missing.
+    """
+    try:
+        from model import default_model_path  # type: ignore[attr-defined]
+
+        path = Path(default_model_path())
+        if (path / "armt_config.json").is_file():
+            return path
+    except (ImportError, AttributeError, OSError, TypeError):
+        pass
+    return DEMO_MODEL_DIR
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ARMT_", extra="ignore", hide_input_in_errors=True)
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    model: Path | None = Field(None, description="model directory; default: the trained default model, "
+                                                  "else .cache/demo-model")
+    device: str = "cpu"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # sequential: bit-exact chunk invariance (equal state_digest however a document is split), sessions share
+    # ingest units one after another. diagonal: concurrent sessions share one batched pipeline (ingest_many),
+    # faster, but the batch composition changes float rounding (~1e-10), so digests can differ between splits.
+    executor: Literal["diagonal", "sequential"] = "sequential"
+    data_dir: Path = Path(".cache/armt-data")
+    api_keys: str = Field("", description="'key1=tenantA,key2=tenantB'; empty: no auth, one tenant 'default'")
+    max_append_bytes: int = Field(8 * MiB, ge=1)
+    append_chunk_bytes: int = Field(1 * MiB, ge=1024)
+    max_new_tokens_limit: int = Field(1024, ge=1)
+    default_max_new_tokens: int = Field(64, ge=1)
+    max_question_chars: int = Field(16_384, ge=1)
+    max_queue: int = Field(64, ge=1)
+    max_batch_sessions: int = Field(16, ge=1)
+    ingest_unit_segments: int = Field(16, ge=1)
+    retry_after_seconds: int = Field(1, ge=0)
+    state_cache_size: int = Field(64, ge=0)
+    sse_ping_seconds: float = Field(15.0, gt=0)
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+    @field_validator("api_keys")
+    @classmethod
+    def _check_keys(cls, value: str) -> str:
+        for item in filter(None, (part.strip() for part in value.split(","))):
+            if not _KEY_ITEM.match(item):
+                raise ValueError(f"ARMT_API_KEYS items must look like KEY=TENANT, got {item.split('=')[0]!r}=...")
+        return value
+
+    def tenants(self) -> dict[str, str]:
+        """API key -> tenant; empty when authentication is off."""
+        pairs = (part.strip().split("=", 1) for part in self.api_keys.split(",") if part.strip())
+        return {key: tenant for key, tenant in pairs}
+
+    def model_dir(self) -> Path:
+        return self.model if self.model is not None else default_model_dir()
+
+    def to_core(self) -> CoreConfig:
+        return CoreConfig(
+            model_dir=self.model_dir(), data_dir=self.data_dir, device=self.device, dtype=self.dtype,
+            executor=self.executor, max_append_bytes=self.max_append_bytes,
+            append_chunk_bytes=self.append_chunk_bytes, max_new_tokens_limit=self.max_new_tokens_limit,
+            max_question_chars=self.max_question_chars, max_queue=self.max_queue,
+            max_batch_sessions=self.max_batch_sessions, unit_segments=self.ingest_unit_segments,
+            retry_after_seconds=float(self.retry_after_seconds), state_cache_size=self.state_cache_size,
+        )

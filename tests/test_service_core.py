@@ -1,0 +1,102 @@
+"""Core without HTTP: the scheduler (no model), the disk store (atomic files, index rebuild, foreign states)."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from model import MemoryState
+from service.core.errors import Overloaded, StateConflict, StoreError
+from service.core.scheduler import GenerateJob, IngestJob, Scheduler
+from service.core.store import DiskStore
+from service.core.types import LastAppend, SessionMeta
+
+
+def gen_job() -> GenerateJob:
+    return GenerateJob(None, [1], 4, 0.0, 1.0, None, lambda t: True, lambda r, e: None)
+
+
+def test_scheduler_refuses_at_once_when_full():
+    s = Scheduler(max_queue=2, retry_after=3)
+    s.submit(IngestJob(None, [1]))
+    s.submit(gen_job())
+    start = time.perf_counter()
+    with pytest.raises(Overloaded) as info:
+        s.submit(IngestJob(None, [2]))
+    assert time.perf_counter() - start < 0.1 and info.value.retry_after == 3
+
+
+def test_scheduler_round_gives_every_decode_a_step_and_batches_ingests():
+    s = Scheduler(max_queue=10, max_batch=2)
+    ingests = [IngestJob(None, [i]) for i in range(3)]
+    decodes = [gen_job(), gen_job()]
+    for job in ingests + decodes:
+        s.submit(job)
+    work = s.next_work(timeout=0)
+    assert work.decodes == decodes and work.ingests == ingests[:2]  # oldest first, at most max_batch
+    assert s.waiting == 5 and s.running == 0
+    s.finish(ingests[0])
+    assert s.next_work(timeout=0).ingests == ingests[1:]
+    assert s.next_work(timeout=0.01) is not None
+    assert Scheduler().next_work(timeout=0.01) is None
+
+
+def meta(session_id: str = "a" * 32, **kw) -> SessionMeta:
+    return SessionMeta(id=session_id, tenant="t", model="fp", created_at=1.0, updated_at=2.0, **kw)
+
+
+def state(fp: str = "fp") -> MemoryState:
+    return MemoryState(torch.randn(2, 6, 4), torch.randn(2, 6), fp, [5, 6], 3, 48)
+
+
+def test_disk_store_round_trip_and_index_rebuild(tmp_path):
+    store = DiskStore(tmp_path)
+    m = meta(offset=10, held=" wor", partial=b"\xe2\x82", last_append=LastAppend(0, 10, "ab" * 32, 50, 3))
+    s = state()
+    store.save(m, s)
+    (tmp_path / "sessions" / f".{'b' * 32}.123.tmp").write_bytes(b"torn")  # a crash mid-write
+    (tmp_path / "sessions" / "not-a-session.safetensors").write_bytes(b"x")
+    store2 = DiskStore(tmp_path)  # a restart
+    assert list(store2.scan()) == [m]
+    assert not list((tmp_path / "sessions").glob(".*.tmp"))
+    m2, s2 = store2.load(m.id, "fp")
+    assert m2 == m and s2.digest() == s.digest() and store2.total_bytes() > 0
+    store2.delete(m.id)
+    assert list(store2.scan()) == []
+
+
+def test_disk_store_refuses_another_models_state(tmp_path):
+    store = DiskStore(tmp_path)
+    store.save(meta(), state("other-model"))
+    with pytest.raises(StateConflict, match="other-model"):
+        store.load("a" * 32, "fp")
+
+
+def test_disk_store_never_builds_paths_from_bad_ids(tmp_path):
+    with pytest.raises(StoreError, match="bad session id"):
+        DiskStore(tmp_path).load("../../etc/passwd", "fp")
+
+
+def imported_modules(path) -> set[str]:
+    import ast
+
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_layering_core_has_no_http_and_model_has_no_service():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    http = {"fastapi", "starlette", "sse_starlette", "httpx", "uvicorn", "prometheus_client", "pydantic"}
+    for path in (root / "service" / "core").glob("*.py"):
+        assert not imported_modules(path) & http, path
+    for path in (root / "model").glob("*.py"):
+        assert not imported_modules(path) & (http | {"service"}), path

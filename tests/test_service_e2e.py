@@ -1,0 +1,191 @@
+"""End to end against a real `armt serve` (uvicorn) on 127.0.0.1 and a random free port, real disk store:
+chunked == whole, SSE as a client reads it, error paths, idempotent retry, disconnect stops decoding, resumable
+upload through the client and the CLI, and a SIGKILLed server that restarts with every acknowledged session."""
+from __future__ import annotations
+
+import random
+import re
+import socket
+import time
+
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from service.cli import app as cli
+from service.client import ArmtClient, ArmtHTTPError, ingest_file, parse_sse
+from tests.service_helpers import Server, document
+
+KEY = "e2e-key"
+LIMIT = 4000
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, tmp_path_factory):
+    srv = Server(tiny_model_dir, tmp_path_factory.mktemp("e2e-data"), ARMT_API_KEYS=f"{KEY}=tenant1",
+                 ARMT_MAX_APPEND_BYTES="65536", ARMT_APPEND_CHUNK_BYTES="4096",
+                 ARMT_MAX_NEW_TOKENS_LIMIT=str(LIMIT)).start()
+    yield srv
+    srv.stop()
+    assert "Traceback" not in srv.log.read_text(errors="replace"), srv.log_tail()
+
+
+@pytest.fixture()
+def client(server):
+    with ArmtClient(server.url, api_key=KEY, timeout=60) as c:
+        yield c
+
+
+DOC = document(4000).encode()
+QUESTION = {"max_new_tokens": 16}
+
+
+def random_cuts(data: bytes, seed: int) -> list[int]:
+    """Random cut points plus cuts inside multi-byte characters and inside words."""
+    rng = random.Random(seed)
+    cuts = {rng.randrange(1, len(data)) for _ in range(25)}
+    multibyte = [i for i, b in enumerate(data) if b >= 0xC0]
+    cuts |= {multibyte[0] + 1, multibyte[3] + 2, multibyte[-1] + 1}  # inside 2-, 3- and 4-byte characters
+    cuts |= {data.index(b"the") + 1}
+    return sorted(cuts)
+
+
+def append_in_pieces(client: ArmtClient, sid: str, data: bytes, cuts: list[int]) -> dict:
+    bounds = [0] + cuts + [len(data)]
+    for a, b in zip(bounds, bounds[1:]):
+        result = client.append(sid, a, data[a:b])
+        assert result["offset"] == b
+    return result
+
+
+def test_chunked_appends_equal_whole_append(client):
+    whole, pieces = client.create_session()["id"], client.create_session()["id"]
+    client.append(whole, 0, DOC)
+    append_in_pieces(client, pieces, DOC, random_cuts(DOC, 0))
+    w, p = client.get_session(whole), client.get_session(pieces)
+    assert w["offset"] == p["offset"] == len(DOC)
+    assert w["state_digest"] == p["state_digest"] and w["tokens"] == p["tokens"] and w["segments"] > 50
+    for q in ("What is described here?", "Who wrote it?"):
+        assert client.ask(whole, q, **QUESTION) == client.ask(pieces, q, **QUESTION)
+
+
+def test_sse_stream_as_a_client_reads_it(client, server):
+    sid = client.create_session()["id"]
+    client.append(sid, 0, DOC[:2000])
+    answer = client.ask(sid, "Summarise.", **QUESTION)
+    events = list(client.ask_stream(sid, "Summarise.", **QUESTION))
+    assert [e["event"] for e in events][-1] == "done" and {e["event"] for e in events[:-1]} == {"token"}
+    assert "".join(e["text"] for e in events[:-1]) == answer["answer"]
+    assert {k: events[-1][k] for k in ("answer", "finish_reason", "usage")} == answer
+    with httpx.stream("POST", f"{server.url}/v1/sessions/{sid}/ask", headers={"Authorization": f"Bearer {KEY}"},
+                      json={"question": "Summarise.", "stream": True, **QUESTION}) as r:
+        raw = list(r.iter_lines())
+    assert raw[0] == "event: token" and raw[1].startswith("data: {") and raw[2] == ""
+    assert [n for n, _ in parse_sse(iter(raw))].count("done") == 1
+
+
+def test_error_paths(client, server):
+    sid = client.create_session()["id"]
+    client.append(sid, 0, b"first words ")
+    with pytest.raises(ArmtHTTPError) as e:
+        client.append(sid, 5, b"x")
+    assert e.value.status == 409 and e.value.body["error"]["offset"] == 12
+    with pytest.raises(ArmtHTTPError) as e:
+        client.append(sid, 12, b"ok \xc3\x28")
+    assert e.value.status == 400 and e.value.body["error"]["position"] == 15
+    with pytest.raises(ArmtHTTPError) as e:
+        client.append(sid, 12, b"a" * 65537)
+    assert e.value.status == 413
+    with pytest.raises(ArmtHTTPError) as e:
+        client.get_session("0" * 32)
+    assert e.value.status == 404
+    r = httpx.get(f"{server.url}/v1/sessions")
+    assert r.status_code == 401 and "www-authenticate" in r.headers
+    assert client.get_session(sid)["offset"] == 12
+
+
+def test_idempotent_retry_of_an_append(client):
+    sid = client.create_session()["id"]
+    first = client.append(sid, 0, DOC[:700])
+    digest = client.get_session(sid)["state_digest"]
+    assert client.append(sid, 0, DOC[:700]) == first  # e.g. the first answer was lost on the way back
+    assert client.get_session(sid)["state_digest"] == digest
+    assert client.append(sid, 700, DOC[700:900])["offset"] == 900
+
+
+def generated_tokens(url: str) -> float:
+    text = httpx.get(f"{url}/metrics").text
+    return float(re.search(r"^armt_generated_tokens_total (\S+)$", text, re.M).group(1))
+
+
+def test_a_disconnected_stream_stops_decoding(client, server):
+    sid = client.create_session()["id"]
+    client.append(sid, 0, DOC[:500])
+    assert client.ask(sid, "Go on.", max_new_tokens=40)["finish_reason"] == "length"  # no early eos
+    before = generated_tokens(server.url)
+    with httpx.stream("POST", f"{server.url}/v1/sessions/{sid}/ask", headers={"Authorization": f"Bearer {KEY}"},
+                      json={"question": "Go on.", "stream": True, "max_new_tokens": LIMIT}) as r:
+        lines = r.iter_lines()
+        for _ in range(9):  # three token events, then hang up
+            next(lines)
+    previous, stable = -1.0, 0
+    for _ in range(100):  # wait until the counter stops moving
+        time.sleep(0.1)
+        now = generated_tokens(server.url)
+        stable = stable + 1 if now == previous else 0
+        previous = now
+        if stable >= 5:
+            break
+    print(f"tokens decoded for the abandoned stream: {previous - before:.0f} of max {LIMIT}")
+    assert 3 <= previous - before < LIMIT / 4, previous - before
+
+
+def test_interrupted_upload_stores_nothing_and_the_client_resumes(client, server, tmp_path):
+    sid = client.create_session()["id"]
+    client.append(sid, 0, DOC[:1000])
+    with socket.create_connection(("127.0.0.1", server.port)) as s:  # a body cut off half way
+        s.sendall(f"POST /v1/sessions/{sid}/append?offset=1000 HTTP/1.1\r\nHost: x\r\n"
+                  f"Authorization: Bearer {KEY}\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                  f"Content-Length: 2000\r\n\r\n".encode() + DOC[1000:2000])
+    time.sleep(0.3)
+    assert client.get_session(sid)["offset"] == 1000
+    path = tmp_path / "doc.txt"
+    path.write_bytes(DOC)
+    seen = []
+    result = ingest_file(client, path, sid, chunk_bytes=777, progress=lambda done, total: seen.append(done))
+    assert result["offset"] == len(DOC) and seen[-1] == len(DOC)
+    reference = client.create_session()["id"]
+    client.append(reference, 0, DOC)
+    assert client.get_session(sid)["state_digest"] == client.get_session(reference)["state_digest"]
+
+
+def test_cli_ingest_ask_sessions(server, tmp_path):
+    path = tmp_path / "doc.txt"
+    path.write_bytes(DOC[:3000])
+    runner, common = CliRunner(), ["--url", server.url, "--api-key", KEY]
+    out = runner.invoke(cli, ["ingest", str(path), *common, "--chunk-bytes", "1000"])
+    assert out.exit_code == 0, out.output
+    sid = re.search(r"session ([0-9a-f]{32})", out.output).group(1)
+    assert '"offset": 3000' in out.output
+    again = runner.invoke(cli, ["ingest", str(path), "--session", sid, *common])  # nothing left: a no-op
+    assert again.exit_code == 0 and '"offset": 3000' in again.output
+    asked = runner.invoke(cli, ["ask", sid, "What is it?", *common, "--max-new-tokens", "5"])
+    assert asked.exit_code == 0 and "[length, 5 tokens]" in asked.output
+    listed = runner.invoke(cli, ["sessions", *common])
+    assert listed.exit_code == 0 and sid in listed.output
+    denied = runner.invoke(cli, ["sessions", "--url", server.url, "--api-key", "wrong"])
+    assert denied.exit_code == 1 and "401" in denied.output
+
+
+def test_sigkill_and_restart_keeps_every_acknowledged_session(client, server):
+    """Last in this module: it kills the shared server."""
+    before = {s["id"]: s for s in client.iter_sessions()}
+    sid = next(iter(before))
+    answer = client.ask(sid, "And then?", **QUESTION)
+    server.kill()
+    server.start()
+    after = {s["id"]: s for s in client.iter_sessions()}
+    assert after == before
+    assert client.ask(sid, "And then?", **QUESTION) == answer
+    offset = after[sid]["offset"]
+    assert client.append(sid, offset, b" more text")["offset"] == offset + 10
