@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install serve test
+.PHONY: install serve test default-model
 
 # Idempotent: re-runs pip only when pyproject.toml changed since the last install.
 $(STAMP): pyproject.toml
@@ -20,3 +20,7 @@ serve: install
 
 test: install
 	$(VENV)/bin/python -m pytest
+
+# Retrain the shipped default model from scratch (about 55 minutes on 2 CPU cores; see README "Default model").
+default-model: install
+	$(VENV)/bin/armt train --out runs/default --minutes 50 --export model/weights/default

@@ -24,9 +24,13 @@ def move_piece(codec: Codec, rng: random.Random, person: str, place: str) -> Pie
     return fact_piece(codec, f"{person} {rng.choice(MOVES)} the {place}.", [(place, person)])
 
 
-def question_piece(codec: Codec, subject: str, probe_target: str) -> Piece:
-    """ " Where is X?" with the probe at "?" naming X (the subject just before it)."""
-    ids = codec.encode(f" Where is {subject}?")
+def question_piece(codec: Codec, rng: random.Random, subject: str, probe_target: str) -> Piece:
+    """ " Where is X?" (one time in five on a new line instead) with the probe at "?" naming X.
+
+    The newline variant also teaches "Where" without its leading space, which is what a caller gets who tokenizes
+    the question on its own; the service always puts one space.
+    """
+    ids = codec.encode(f"{chr(10) if rng.random() < 0.2 else ' '}Where is {subject}?")
     return Piece(ids, [(len(ids) - 1, codec.word(probe_target))])
 
 
@@ -47,7 +51,7 @@ def qa1(codec: Codec, rng: random.Random, n_tokens: int, split: str | None = "tr
         where[person] = place
         facts.append(move_piece(codec, rng, person, place))
     asked = rng.sample(sorted(where), min(n_questions, len(where)))
-    questions = [(question_piece(codec, p, p), where[p]) for p in asked]
+    questions = [(question_piece(codec, rng, p, p), where[p]) for p in asked]
     return assemble(codec, rng, split, facts, questions, n_tokens)
 
 
@@ -81,7 +85,7 @@ def qa2(codec: Codec, rng: random.Random, n_tokens: int, split: str | None = "tr
     if not place:  # nothing was ever picked up: ask about a person instead (still answered by the facts)
         return qa1(codec, rng, n_tokens, split, n_facts=n_facts, n_questions=n_questions)
     asked = rng.sample(sorted(place), min(n_questions, len(place)))
-    questions = [(question_piece(codec, f"the {o}", o), place[o]) for o in asked]
+    questions = [(question_piece(codec, rng, f"the {o}", o), place[o]) for o in asked]
     return assemble(codec, rng, split, facts, questions, n_tokens)
 
 

@@ -26,8 +26,12 @@ def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def score_batch(model, ids: torch.Tensor, answers: list[list[int]], executor: str = "diagonal") -> int:
-    """How many rows answer correctly; ids [B, T] with every row's answer span in its last segment."""
+def score_batch(model, ids: torch.Tensor, answers: list[list[int]], executor: str = "diagonal",
+                memory: bool = True) -> int:
+    """How many rows answer correctly; ids [B, T] with every row's answer span in its last segment.
+
+    memory=False is the no-memory baseline: the same network sees only the last segment (empty memory).
+    """
     B, T = ids.shape
     S = model.config.segment_size
     cut = ((T - 1) // S) * S
@@ -35,7 +39,7 @@ def score_batch(model, ids: torch.Tensor, answers: list[list[int]], executor: st
         raise ValueError("evaluation needs every answer inside the last segment")
     A, z = model._empty_memory(B)
     first = torch.ones(B, dtype=torch.bool, device=model.device)
-    if cut:
+    if cut and memory:
         _, A, z = model._executor(executor)(model, ids[:, :cut], A, z, first, False)
         first = torch.zeros_like(first)
     logits, _, _ = model.segment_forward(ids[:, cut:], A, z, first, True)  # [B, T - cut, V]
@@ -47,7 +51,8 @@ def score_batch(model, ids: torch.Tensor, answers: list[list[int]], executor: st
 
 
 def accuracy(model, codec: Codec, task: str, segments: int, n_samples: int, split: str = "eval", seed: int = 0,
-             batch_size: int = 16, dense: bool = False, executor: str = "diagonal", distinct: bool = False) -> dict:
+             batch_size: int = 16, dense: bool = False, executor: str = "diagonal", distinct: bool = False,
+             memory: bool = True) -> dict:
     """Exact match on n_samples fresh documents of `segments` segments (one question each, at the end)."""
     rng = random.Random(seed)
     S = model.config.segment_size
@@ -60,9 +65,10 @@ def accuracy(model, codec: Codec, task: str, segments: int, n_samples: int, spli
         kw = {"distinct": True} if distinct else {}
         samples = [document(codec, rng, task, 0 if dense else segments, n_tokens, 1, split, **kw) for _ in range(b)]
         batch = collate(samples, codec.pad, with_probe=False)
-        correct += score_batch(model, batch.ids.to(model.device), [s.answers[-1] for s in samples], executor)
+        correct += score_batch(model, batch.ids.to(model.device), [s.answers[-1] for s in samples], executor,
+                               memory)
         done += b
     model.train(was_training)
     lo, hi = wilson(correct, done)
-    return {"task": task, "segments": segments, "tokens": segments * S, "samples": done, "correct": correct,
-            "accuracy": correct / done, "ci95": [round(lo, 4), round(hi, 4)]}
+    return {"task": task, "memory": memory, "segments": segments, "tokens": segments * S, "samples": done,
+            "correct": correct, "accuracy": correct / done, "ci95": [round(lo, 4), round(hi, 4)]}

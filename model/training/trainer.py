@@ -36,6 +36,8 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.98)
     weight_decay: float = 0.01
     warmup: int = 200
+    decay: str = "time"  # cosine to lr * min_lr_ratio over the time budget ("time"), over max_steps ("steps"), "none"
+    min_lr_ratio: float = 0.05
     clip: float = 1.0
     probe_weight: float = 0.2  # 0: no probe
     probe_layer: int = 2  # 0-based block index whose output the probe reads
@@ -64,6 +66,8 @@ class Trainer:
         self.model, self.codec, self.cfg, self.out = model, codec, cfg, Path(out_dir)
         self.S = model.config.segment_size
         vocab = model.base.vocab_size
+        if cfg.probe_weight and not 0 <= cfg.probe_layer < model.n_layers:
+            raise ValueError(f"probe_layer {cfg.probe_layer} is not a block of this {model.n_layers}-layer model")
         self.probe = Probe(model.base.d_model, vocab, cfg.probe_layer).to(model.device) if cfg.probe_weight else None
         params = list(model.parameters()) + (list(self.probe.parameters()) if self.probe else [])
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
@@ -78,7 +82,17 @@ class Trainer:
         return self.cfg.stages[self.state.stage_index]
 
     def lr_at(self, step: int) -> float:
-        return self.cfg.lr * min(1.0, (step + 1) / self.cfg.warmup)
+        """Linear warm-up, then cosine decay over the budget (the last stretch anneals at a small rate)."""
+        cfg = self.cfg
+        warm = min(1.0, (step + 1) / cfg.warmup)
+        if cfg.decay == "none":
+            return cfg.lr * warm
+        if cfg.decay == "steps":
+            progress = step / cfg.max_steps
+        else:
+            progress = self.state.seconds / (cfg.minutes * 60)
+        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return cfg.lr * warm * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
 
     def step(self) -> dict:
         cfg, st = self.cfg, self.state
@@ -107,9 +121,11 @@ class Trainer:
         st.tokens += tokens
         if stage == self.stage:
             self.window.append((out["correct"], out["questions"]))
-        return {"step": st.step, "stage": stage, "loss": loss.item(), "answer_loss": out["answer"].item(),
-                "probe_loss": float(out["probe"].item()) if "probe" in out else None, "acc": out["correct"] / out["questions"],
-                "grad_norm": float(norm), "tokens": tokens}
+        probe_loss = out["probe"].item() if "probe" in out else None
+        return {"step": st.step, "stage": stage, "lr": self.opt.param_groups[0]["lr"], "loss": loss.item(),
+                "answer_loss": out["answer"].item(),
+                "probe_loss": probe_loss, "acc": out["correct"] / out["questions"], "grad_norm": float(norm),
+                "tokens": tokens}
 
     def running_accuracy(self) -> float:
         if len(self.window) < self.window.maxlen:

@@ -150,7 +150,10 @@ class SessionService:
         """Submit a question; returns its event stream. Overload and lookup errors raise here, before any event."""
         self._check_params(params)
         meta, state = await self._snapshot(tenant, session_id)
-        prompt = self.tokenizer.encode(meta.held + question_text(params.question), add_special_tokens=False).ids
+        # The question follows the document's last word after one space, as in the training data: trailing
+        # whitespace of the document (a final newline, say) is not part of the prompt.
+        text = meta.held.rstrip() + question_text(params.question)
+        prompt = self.tokenizer.encode(text, add_special_tokens=False).ids
         run = AnswerRun(self.tokenizer, state, prompt, params, asyncio.get_running_loop())
         self.scheduler.submit(run.job)
         return run.events()

@@ -85,7 +85,8 @@ class ReadyText:
 
 
 class AnswerText:
-    """Token ids -> text deltas: never splits a UTF-8 character, trims at the first stop string.
+    """Token ids -> text deltas: never splits a UTF-8 character, trims at the first stop string, drops the
+    leading whitespace (a byte-level model's answer starts with the space that follows the question).
 
     Runs on the engine worker's thread through a callback, so a stop string ends decoding at once.
     """
@@ -102,7 +103,7 @@ class AnswerText:
     def add(self, token_id: int) -> str:
         """Feed one generated token; returns the new text that is safe to send (maybe empty)."""
         self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids)
+        text = self.tokenizer.decode(self.ids).lstrip()  # the space that joined the answer to the question
         if text.endswith("\ufffd"):  # the last character's bytes are not all there yet
             return ""
         self.text = text
@@ -121,7 +122,7 @@ class AnswerText:
     def flush(self) -> str:
         """The rest of the answer at the end of decoding."""
         if not self.stopped:
-            self.text = self.tokenizer.decode(self.ids)
+            self.text = self.tokenizer.decode(self.ids).lstrip()
         delta = self.text[len(self.emitted) :]
         self.emitted = self.text
         return delta

@@ -1,0 +1,147 @@
+"""`armt train` and `armt eval`: the curriculum trainer and the exact-match evaluation (model/training).
+
+Registered on the `armt` app by service/cli.py.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import typer
+
+def train(
+    out: Path = typer.Option(Path("runs/train"), help="run directory: log, checkpoint, final model in OUT/model"),
+    task: str = typer.Option("qa1", help="qa1 | qa2 | remember"),
+    init: Path = typer.Option(None, help="start from this local model directory (else a fresh model)"),
+    minutes: float = typer.Option(45.0, help="training time budget (evaluation checks included)"),
+    max_steps: int = 100_000,
+    stages: str = typer.Option("0,1,2,4,8,16", help="curriculum in segments (0 = dense single segment)"),
+    batch_size: int = 32,
+    aux_batch_size: int = typer.Option(16, help="key-gap-value samples per step (0: off)"),
+    copy_batch_size: int = typer.Option(8, help="prose-repeat (copy) samples per step (0: off)"),
+    probe_layer: int = typer.Option(2, help="0-based block whose output the name-binding probe reads"),
+    probe_weight: float = typer.Option(0.2, help="name-binding probe weight (0: off)"),
+    lr: float = 1e-3,
+    layers: int = 4, hidden: int = 128, heads: int = 4, ffn: int = 512,
+    num_mem_tokens: int = 16, d_mem: int = 32, segment_size: int = 64, vocab: int = 3000,
+    seed: int = 0,
+    resume: bool = typer.Option(False, help="continue OUT/checkpoint exactly"),
+    device: str = "cpu",
+    bf16: bool = typer.Option(False, help="bfloat16 weights (memory state stays fp32)"),
+    export: Path = typer.Option(None, help="also copy the final model directory here (e.g. model/weights/default)"),
+) -> None:
+    """Curriculum training with back-propagation through the memory (sequential order); see model/training."""
+    import shutil
+
+    import torch
+    from tqdm import tqdm
+
+    from model.tasks import Codec
+    from model.training import TrainConfig, Trainer, default_tokenizer, load_for_training, new_model, write_log
+
+    torch.manual_seed(seed)
+    if init is not None:
+        model = load_for_training(init)
+    else:
+        model = new_model(default_tokenizer(vocab), layers, hidden, heads, ffn, num_mem_tokens, d_mem,
+                          segment_size, seed)
+    model = model.to(device=device, dtype=torch.bfloat16 if bf16 else torch.float32)
+    cfg = TrainConfig(task=task, stages=tuple(int(s) for s in stages.split(",")), batch_size=batch_size,
+                      aux_batch_size=aux_batch_size, copy_batch_size=copy_batch_size, probe_layer=probe_layer,
+                      probe_weight=probe_weight, lr=lr, minutes=minutes,
+                      max_steps=max_steps, seed=seed)
+    trainer = Trainer(model, Codec(model.tokenizer), cfg, out)
+    if resume and not trainer.load_checkpoint():
+        typer.echo(f"error: no checkpoint in {out / 'checkpoint'}", err=True)
+        raise typer.Exit(2)
+    params = sum(p.numel() for p in model.parameters())
+    typer.echo(f"training {params:,} parameters on {task}, stages {cfg.stages}, {minutes} min budget -> {out}")
+    bar = tqdm(total=int(minutes * 60), unit="s", mininterval=5, bar_format="{l_bar}{bar}| {n:.0f}/{total}s {postfix}")
+
+    def progress(row: dict) -> None:
+        bar.n = int(row["seconds"])
+        bar.set_postfix_str(f"step {row['step']} stage {trainer.stage} loss {row['loss']:.3f} "
+                            f"acc {row['running_acc']:.3f} {row['tokens_per_s']} tok/s", refresh=True)
+
+    trainer.run(write_log(out / "train_log.jsonl"), progress)
+    bar.close()
+    model.eval()
+    model.save_pretrained(out / "model")
+    typer.echo(f"wrote {out / 'model'} after {trainer.state.step} steps, {trainer.state.seconds:.0f}s, "
+               f"stage {trainer.stage}")
+    if export is not None:
+        export.mkdir(parents=True, exist_ok=True)
+        for f in (out / "model").iterdir():
+            shutil.copy2(f, export / f.name)
+        typer.echo(f"exported to {export}")
+
+
+def evaluate(
+    model_dir: Path = typer.Argument(None, help="model directory (default: the shipped default model)"),
+    task: str = typer.Option("qa1", help="qa1 | qa2 | remember"),
+    segments: str = typer.Option("1,2,4,8,16,32,64", help="document lengths in segments"),
+    samples: int = typer.Option(256, help="documents per length"),
+    long_samples: int = typer.Option(64, help="documents per length above 256 segments (time)"),
+    split: str = typer.Option("eval", help="prose source: eval (held out) or train"),
+    seed: int = 1234,
+    batch_size: int = 16,
+    out: Path = typer.Option(None, help="JSON results (default runs/eval-TASK.json)"),
+    plot: Path = typer.Option(None, help="PNG of accuracy vs length (needs matplotlib)"),
+    executor: str = "diagonal",
+    memory: bool = typer.Option(True, help="--no-memory: baseline that sees only the last segment"),
+) -> None:
+    """Exact-match accuracy against document length, with 95% Wilson intervals; JSON and an optional PNG."""
+    import torch
+
+    from model import default_model_path
+    from model.tasks import Codec
+    from model.training import accuracy
+
+    from service.cli import _load
+
+    m = _load(model_dir or default_model_path())
+    if m.tokenizer is None:
+        typer.echo("error: the model has no tokenizer.json", err=True)
+        raise typer.Exit(2)
+    torch.set_grad_enabled(False)
+    codec = Codec(m.tokenizer)
+    rows = []
+    for n in (int(x) for x in segments.split(",") if x.strip()):
+        start = time.perf_counter()
+        k = samples if n <= 256 else long_samples
+        row = accuracy(m, codec, task, n, k, split=split, seed=seed + n, batch_size=batch_size, executor=executor,
+                       memory=memory)
+        row["seconds"] = round(time.perf_counter() - start, 1)
+        rows.append(row)
+        label = task if memory else f"{task} (no memory)"
+        typer.echo(f"{label} {n:5d} seg {row['tokens']:8d} tok  exact match {row['accuracy']:.3f} "
+                   f"[{row['ci95'][0]:.3f}, {row['ci95'][1]:.3f}]  n={row['samples']}  {row['seconds']}s")
+    out = out or Path(f"runs/eval-{task}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"model": str(model_dir or default_model_path()), "split": split, "rows": rows},
+                              indent=2))
+    if plot is not None:
+        _plot_eval(rows, task, plot)
+
+
+def _plot_eval(rows: list[dict], task: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [r["segments"] for r in rows]
+    ys = [r["accuracy"] for r in rows]
+    err = [[y - r["ci95"][0] for y, r in zip(ys, rows)], [r["ci95"][1] - y for y, r in zip(ys, rows)]]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3)
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("document length (segments)")
+    ax.set_ylabel("exact match")
+    ax.set_title(task)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)

@@ -1,0 +1,73 @@
+"""The shipped default model answers QA1 questions from memory: through the engine API and through the service.
+
+Small samples (the measured curves are in the README, from `armt eval`); these catch a broken export, a tokenizer
+mismatch between training and serving, or a service prompt layout the model was not trained on.
+"""
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+
+from model import ArmtModel, default_model_path
+from model.tasks import Codec, qa1
+from service.http.app import create_app
+from service.settings import Settings
+
+SEGMENTS = 8  # half the trained length: the supporting facts are mostly several segments back
+
+
+@pytest.fixture(scope="module")
+def model():
+    return ArmtModel.from_pretrained(default_model_path())
+
+
+def documents(model, n: int, seed: int):
+    """(document text, question, answer) from the evaluation-only prose; the question is not in the text."""
+    codec = Codec(model.tokenizer)
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        s = qa1(codec, rng, SEGMENTS * model.config.segment_size, "eval")
+        text = model.tokenizer.decode(s.ids)
+        cut = text.rindex("Where is ")
+        out.append((text[:cut].rstrip(), text[cut:text.index("?", cut) + 1], s.answer))
+    return out
+
+
+def test_engine_api_answers_from_memory(model):
+    right = 0
+    eos = set(model.default_stop_ids())
+    for text, question, answer in documents(model, 24, seed=7):
+        state = model.ingest(model.new_state(), model.tokenizer.encode(text).ids)
+        assert state.segments >= SEGMENTS - 2
+        prompt = model.tokenizer.encode(" " + question).ids
+        out = [t for t in model.generate(state, prompt, max_new_tokens=4) if t not in eos]
+        right += model.tokenizer.decode(out).strip() == answer
+    assert right >= 21, f"{right}/24"
+
+
+def test_service_answers_from_memory_with_chunked_uploads(model, tmp_path):
+    settings = Settings(model=default_model_path(), data_dir=tmp_path)
+    with TestClient(create_app(settings)) as c:
+        for _ in range(600):
+            if c.get("/health").status_code == 200:
+                break
+            time.sleep(0.05)
+        right = 0
+        rng = random.Random(3)
+        for text, question, answer in documents(model, 12, seed=11):
+            sid = c.post("/v1/sessions").json()["id"]
+            data, offset = (text + "\n").encode(), 0
+            while offset < len(data):
+                step = rng.randint(1, 700)
+                r = c.post(f"/v1/sessions/{sid}/append", params={"offset": offset}, content=data[offset:offset + step],
+                           headers={"Content-Type": "text/plain; charset=utf-8"})
+                assert r.status_code == 200, r.text
+                offset = r.json()["offset"]
+            r = c.post(f"/v1/sessions/{sid}/ask", json={"question": question, "max_new_tokens": 4})
+            assert r.status_code == 200, r.text
+            right += r.json()["answer"].strip() == answer
+        assert right >= 10, f"{right}/12"
