@@ -148,6 +148,19 @@ def from_pretrained(
     return finish(model, base_config.to_dict(), directory, device)
 
 
+def from_base(directory: str | Path, armt: ArmtConfig, seed: int = 0, dtype: torch.dtype = torch.float32
+              ) -> ArmtModel:
+    """A plain local HF LLaMA / GPT-2 directory (no armt_config.json) with fresh memory parameters, as a starting
+    point for training; its tokenizer.json is kept when there is one."""
+    directory = Path(directory)
+    base_config = load_base_config(directory)
+    model = create(base_config, armt, dtype=dtype, seed=seed)
+    tensors, _ = read_weights(directory)
+    fresh = {n: p.detach().clone() for n in ASSOC_NAMES if (p := getattr(model, n)) is not None}
+    load_into(model, tensors, fresh)
+    return finish(model, base_config.to_dict(), directory, "cpu")
+
+
 def finish(model: ArmtModel, base_config: dict, directory: Path | None, device) -> ArmtModel:
     model.fingerprint = fingerprint(base_config, model.config, weights_digest(model))
     model.tokenizer = None

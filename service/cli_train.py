@@ -5,7 +5,9 @@ Registered on the `armt` app by service/cli.py.
 from __future__ import annotations
 
 import json
+import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -13,7 +15,8 @@ import typer
 def train(
     out: Path = typer.Option(Path("runs/train"), help="run directory: log, checkpoint, final model in OUT/model"),
     task: str = typer.Option("qa1", help="qa1 | qa2 | remember"),
-    init: Path = typer.Option(None, help="start from this local model directory (else a fresh model)"),
+    init: Path = typer.Option(None, help="start from this local ARMT or plain HF LLaMA/GPT-2 directory (a plain one "
+                                         "gets fresh memory shaped by --num-mem-tokens/--d-mem/--segment-size)"),
     minutes: float = typer.Option(45.0, help="training time budget (evaluation checks included)"),
     max_steps: int = 100_000,
     stages: str = typer.Option("0,1,2,4,8,16", help="curriculum in segments (0 = dense single segment)"),
@@ -32,31 +35,39 @@ def train(
     export: Path = typer.Option(None, help="also copy the final model directory here (e.g. model/weights/default)"),
 ) -> None:
     """Curriculum training with back-propagation through the memory (sequential order); see model/training."""
-    import shutil
-
     import torch
-    from tqdm import tqdm
 
+    from model import ArmtConfig
     from model.tasks import Codec
     from model.training import TrainConfig, Trainer, default_tokenizer, load_for_training, new_model, write_log
 
     torch.manual_seed(seed)
     if init is not None:
-        model = load_for_training(init)
+        armt = ArmtConfig(num_mem_tokens=num_mem_tokens, d_mem=d_mem, segment_size=segment_size, armt_version=2)
+        model = load_for_training(init, armt)
     else:
         model = new_model(default_tokenizer(vocab), layers, hidden, heads, ffn, num_mem_tokens, d_mem,
                           segment_size, seed)
     model = model.to(device=device, dtype=torch.bfloat16 if bf16 else torch.float32)
     cfg = TrainConfig(task=task, stages=tuple(int(s) for s in stages.split(",")), batch_size=batch_size,
                       aux_batch_size=aux_batch_size, copy_batch_size=copy_batch_size, probe_layer=probe_layer,
-                      probe_weight=probe_weight, lr=lr, minutes=minutes,
-                      max_steps=max_steps, seed=seed)
+                      probe_weight=probe_weight, lr=lr, minutes=minutes, max_steps=max_steps, seed=seed)
     trainer = Trainer(model, Codec(model.tokenizer), cfg, out)
     if resume and not trainer.load_checkpoint():
         typer.echo(f"error: no checkpoint in {out / 'checkpoint'}", err=True)
         raise typer.Exit(2)
     params = sum(p.numel() for p in model.parameters())
     typer.echo(f"training {params:,} parameters on {task}, stages {cfg.stages}, {minutes} min budget -> {out}")
+    with _progress_bar(trainer, minutes) as progress:
+        trainer.run(write_log(out / "train_log.jsonl"), progress)
+    _save(model, trainer, out, export)
+
+
+@contextmanager
+def _progress_bar(trainer, minutes: float):
+    """tqdm over the time budget, showing step, stage, loss, running accuracy and throughput."""
+    from tqdm import tqdm
+
     bar = tqdm(total=int(minutes * 60), unit="s", mininterval=5, bar_format="{l_bar}{bar}| {n:.0f}/{total}s {postfix}")
 
     def progress(row: dict) -> None:
@@ -64,8 +75,14 @@ def train(
         bar.set_postfix_str(f"step {row['step']} stage {trainer.stage} loss {row['loss']:.3f} "
                             f"acc {row['running_acc']:.3f} {row['tokens_per_s']} tok/s", refresh=True)
 
-    trainer.run(write_log(out / "train_log.jsonl"), progress)
-    bar.close()
+    try:
+        yield progress
+    finally:
+        bar.close()
+
+
+def _save(model, trainer, out: Path, export: Path | None) -> None:
+    """The final model in the project format under OUT/model (and a copy in `export`)."""
     model.eval()
     model.save_pretrained(out / "model")
     typer.echo(f"wrote {out / 'model'} after {trainer.state.step} steps, {trainer.state.seconds:.0f}s, "

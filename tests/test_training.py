@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from model import ArmtModel
+from model import ArmtConfig, ArmtModel
 from model.tasks import Codec, qa1
 from model.training import TrainConfig, Trainer, accuracy, default_tokenizer, new_model, wilson
 from model.training.evaluate import score_batch
@@ -84,3 +84,17 @@ def test_wilson_interval():
     lo, hi = wilson(98, 100)
     assert 0.92 < lo < 0.95 and 0.99 < hi <= 1.0
     assert wilson(0, 0) == (0.0, 1.0)
+
+
+def test_init_from_a_plain_hf_directory_keeps_its_weights_and_adds_fresh_memory(tokenizer, tmp_path):
+    from model.training import load_for_training
+
+    hf = tiny(tokenizer).base.hf
+    hf.save_pretrained(tmp_path / "hf")
+    tokenizer.save(str(tmp_path / "hf" / "tokenizer.json"))
+    armt = ArmtConfig(num_mem_tokens=4, d_mem=8, segment_size=32, armt_version=2)
+    model = load_for_training(tmp_path / "hf", armt)
+    for name, tensor in hf.state_dict().items():
+        torch.testing.assert_close(model.base.hf.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
+    assert model.config.segment_size == 32 and model.tokenizer is not None
+    assert not model.W_mv.any()  # the research initialisation: the memory starts silent

@@ -36,14 +36,18 @@ def new_model(tokenizer, layers: int = 4, hidden: int = 128, heads: int = 4, ffn
     return model
 
 
-def load_for_training(directory: Path, tokenizer=None):
-    """An existing local model directory: the project format / official layouts (ARMT), or a plain HF LLaMA /
-    GPT-2 directory, which gets fresh memory parameters."""
+def load_for_training(directory: Path, armt=None):
+    """An existing local model directory: an ARMT (project format / official layouts), or a plain HF LLaMA / GPT-2
+    directory, which gets fresh memory parameters shaped by `armt` (an ArmtConfig; default: the default model's)."""
     from ..armt import ArmtModel
+    from ..checkpoint import from_base
+    from ..config import ArmtConfig
 
-    model = ArmtModel.from_pretrained(directory)
-    if tokenizer is not None:
-        model.tokenizer = tokenizer
+    directory = Path(directory)
+    if (directory / "armt_config.json").is_file():
+        model = ArmtModel.from_pretrained(directory)
+    else:
+        model = from_base(directory, armt or ArmtConfig(num_mem_tokens=16, d_mem=32, segment_size=64, armt_version=2))
     if model.tokenizer is None:
         raise ValueError(f"{directory} has no tokenizer.json; training needs one")
     return model

@@ -11,13 +11,12 @@ import json
 import logging
 import os
 import struct
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
 from model import MemoryState, StateMismatchError
-from model.state import header_metadata
+from model.state import atomic_write, fsync_dir, header_metadata
 
 from .errors import StateConflict, StoreError
 from .types import SESSION_ID, SessionMeta
@@ -77,16 +76,9 @@ class DiskStore:
     def save(self, meta: SessionMeta, state: MemoryState) -> None:
         path = self._path(meta.id)
         data = state.to_bytes({SESSION_KEY: json.dumps(meta.to_json(), sort_keys=True)})
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=f".{meta.id}.", suffix=".tmp")
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            _fsync_dir(self.dir)
+            atomic_write(path, data)
         except OSError as e:
-            Path(tmp).unlink(missing_ok=True)
             raise StoreError(f"cannot write session {meta.id}: {e.strerror or e}") from None
         self._sizes[meta.id] = len(data)
 
@@ -104,7 +96,7 @@ class DiskStore:
     def delete(self, session_id: str) -> None:
         try:
             self._path(session_id).unlink(missing_ok=True)
-            _fsync_dir(self.dir)
+            fsync_dir(self.dir)
         except OSError as e:
             raise StoreError(f"cannot delete session {session_id}: {e.strerror or e}") from None
         self._sizes.pop(session_id, None)
@@ -131,10 +123,3 @@ def _read_header(path: Path) -> bytes:
             raise ValueError(f"implausible safetensors header length {n}")
         return head + f.read(n)
 
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
