@@ -12,6 +12,7 @@ import math
 import torch
 from torch import nn
 
+from .act import ActRun, halting_loop
 from .config import ArmtConfig
 from .engine import ArmtEngineMixin
 from .hf_base import BaseAdapter
@@ -37,6 +38,8 @@ class ArmtModel(ArmtEngineMixin, nn.Module):
         self.W_mb = nn.Parameter(torch.zeros(L, 1, d, dtype=dtype))  # per-layer write-strength gate
         self.b_mb = nn.Parameter(torch.zeros(L, 1, dtype=dtype))
         self.sink = nn.Parameter(torch.zeros(1, d, dtype=dtype)) if config.use_sink else None
+        self.act_w = nn.Parameter(torch.zeros(L, 1, d, dtype=dtype)) if config.act else None  # halting units
+        self.act_b = nn.Parameter(torch.zeros(L, 1, dtype=dtype)) if config.act else None
         self._check_positions()
 
     # ------------------------------------------------------------------ construction
@@ -71,6 +74,9 @@ class ArmtModel(ArmtEngineMixin, nn.Module):
             self.W_mv.zero_()
             if self.sink is not None:
                 self.sink.copy_(torch.randn(self.sink.shape, generator=generator))
+            if self.act_w is not None:  # the research code's halting unit: nn.Linear init, bias 1 (p ~ 0.73)
+                self.act_w.copy_(torch.rand(self.act_w.shape, generator=generator) * 2 * bound - bound)
+                self.act_b.fill_(1.0)
 
     def _check_positions(self) -> None:
         limit = self.base.max_positions
@@ -139,25 +145,35 @@ class ArmtModel(ArmtEngineMixin, nn.Module):
         write: bool,
         cache=None,
         taps: dict | None = None,
+        act: ActRun | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """All blocks over one segment with the memory read before and write after each.
 
         `taps`, if given, maps layer index -> None and receives each such block's output (training probes).
+        With ACT (config.act) each layer is read + block re-applied per model/act.py (`act` overrides max_hop and
+        collects hops); the write happens once, from the layer's final output.
 
         x: [B, T, d]; A: [B, L, d_key, d]; z: [B, L, d_key]; first: [B] bool (no read; vbar = 0 on write).
         With `write`, the last M positions are the memory tokens and are written into every layer's memory.
         Returns (final hidden [B, T, d], A', z'); A and z are not modified in place.
         """
         cfg = self.config
+        if cfg.act and act is None:
+            act = ActRun.for_model(cfg)
+        if act is not None and cache is not None:
+            raise ValueError("ACT re-runs each block per hop, which a KV cache cannot follow; decode without one")
         h, ctx = self.base.begin(x, position_ids, cache)
-        read = not bool(first.all())
+        keep = None if bool(first.all()) else (~first).to(h.dtype).view(-1, 1, 1)  # [B, 1, 1]: 0 = no read yet
         A_out, z_out = [], []
         for layer in range(self.n_layers):
             A_l, z_l = A[:, layer], z[:, layer]  # [B, d_key, d], [B, d_key]
-            if read:
-                y = associative_read(h, self.W_mq[layer], A_l, z_l, cfg.normalize_phi)  # [B, T, d]
-                h = h + y * (~first).to(h.dtype).view(-1, 1, 1)
-            h = self.base.block(layer, h, ctx)
+
+            def step(h_in: torch.Tensor, layer=layer, A_l=A_l, z_l=z_l) -> torch.Tensor:
+                if keep is not None:
+                    h_in = h_in + associative_read(h_in, self.W_mq[layer], A_l, z_l, cfg.normalize_phi) * keep
+                return self.base.block(layer, h_in, ctx)
+
+            h = step(h) if act is None else halting_loop(step, h, self.act_w[layer], self.act_b[layer], act, layer)
             if taps is not None and layer in taps:
                 taps[layer] = h
             if write and cfg.num_mem_tokens:
@@ -171,10 +187,11 @@ class ArmtModel(ArmtEngineMixin, nn.Module):
         return h, torch.stack(A_out, dim=1), torch.stack(z_out, dim=1)  # [B, L, d_key, d], [B, L, d_key]
 
     def segment_forward(
-        self, ids: torch.Tensor, A: torch.Tensor, z: torch.Tensor, first: torch.Tensor, want_logits: bool
+        self, ids: torch.Tensor, A: torch.Tensor, z: torch.Tensor, first: torch.Tensor, want_logits: bool,
+        act: ActRun | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """Read + write one segment ids [B, n]: (logits [B, n, V] or None, A', z')."""
         x, pos, offset = self.segment_inputs(ids, with_memory=True)
-        h, A, z = self.run_layers(x, pos, A, z, first, write=True)
+        h, A, z = self.run_layers(x, pos, A, z, first, write=True, act=act)
         logits = self.base.head(h[:, offset : offset + ids.shape[1]]) if want_logits else None
         return logits, A, z

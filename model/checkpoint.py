@@ -24,7 +24,7 @@ from .official import is_official, merge_lora, split_official
 
 FORMAT = "armt-serve/1"
 WEIGHTS = "model.safetensors"
-ASSOC_NAMES = ("memory", "W_mq", "W_mk", "W_mv", "W_mb", "b_mb", "sink")
+ASSOC_NAMES = ("memory", "W_mq", "W_mk", "W_mv", "W_mb", "b_mb", "sink", "act_w", "act_b")
 
 
 # ---------------------------------------------------------------------------------------------- reading files

@@ -14,6 +14,7 @@ ARMT_CONFIG_NAME = "armt_config.json"
 DPFP_NU = 3  # the paper's DPFP order; d_key = 2 * nu * d_mem
 
 # Keys of the research repo's configs that change the model in ways this engine does not implement.
+ACT_KEYS = ("act", "max_hop", "act_threshold", "act_fixed")
 _UNSUPPORTED_TRUE = ("sliding_window", "attend_to_previous_input", "gating", "act_on")
 
 
@@ -30,6 +31,9 @@ class ArmtConfig:
     use_sink: V2 only: a learned token prepended to every segment.
     wrap_pos: GPT-2 only: memory tokens take M extra learned positions at the end of the position table
         (the research repo's `wrap_pos=True`); otherwise positions simply continue after the real tokens.
+    act: adaptive computation time in every layer (model/act.py): a halting unit per layer, the layer re-applied
+        up to `max_hop` times (overridable at inference); `act_threshold` = 1 - eps; `act_fixed` always runs
+        `max_hop` hops. Off by default, and then absent from armt_config.json (older files load unchanged).
     """
 
     num_mem_tokens: int
@@ -42,6 +46,10 @@ class ArmtConfig:
     wrap_pos: bool = False
     n_heads: int = 1
     use_denom: bool = True
+    act: bool = False
+    max_hop: int = 4
+    act_threshold: float = 0.9
+    act_fixed: bool = False
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -63,12 +71,19 @@ class ArmtConfig:
             raise ValueError(f"armt config: only n_heads=1 is supported, got {self.n_heads}")
         if not self.use_denom:
             raise ValueError("armt config: use_denom=false is not supported (the paper always normalises by z)")
+        self._check_act()
         for key in _UNSUPPORTED_TRUE:
             if self.extra.get(key):
                 raise ValueError(f"armt config: {key}=true is not supported by this engine")
         if self.extra.get("segment_alignment", "left") not in ("left", None):
             raise ValueError(f"armt config: only segment_alignment='left' is supported, got "
                              f"{self.extra['segment_alignment']!r}")
+
+    def _check_act(self) -> None:
+        if isinstance(self.max_hop, bool) or not isinstance(self.max_hop, int) or self.max_hop < 1:
+            raise ValueError(f"armt config: max_hop must be an integer >= 1, got {self.max_hop!r}")
+        if not 0 < self.act_threshold <= 1:
+            raise ValueError(f"armt config: act_threshold must be in (0, 1], got {self.act_threshold!r}")
 
     @property
     def d_key(self) -> int:
@@ -104,6 +119,9 @@ class ArmtConfig:
     def to_dict(self) -> dict:
         data = asdict(self)
         extra = data.pop("extra")
+        if not self.act:  # models without ACT keep the exact JSON (and fingerprint) they had before ACT existed
+            for key in ACT_KEYS:
+                data.pop(key)
         return {**extra, **data}
 
     def save(self, directory: str | Path) -> None:

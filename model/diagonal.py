@@ -135,9 +135,14 @@ def run_streams(model, streams: list[Stream], want_logits: bool = False):
 
 
 def run_diagonal(
-    model, ids: torch.Tensor, A: torch.Tensor, z: torch.Tensor, first: torch.Tensor, want_logits: bool
+    model, ids: torch.Tensor, A: torch.Tensor, z: torch.Tensor, first: torch.Tensor, want_logits: bool, act=None
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """The executor interface (as run_sequential): rows of ids [B, T] become B streams in one pipeline."""
+    """The executor interface (as run_sequential): rows of ids [B, T] become B streams in one pipeline.
+
+    ACT models never come here (their hop counts differ per layer and token; the engine runs them sequentially).
+    """
+    if act is not None or model.config.act:
+        raise ValueError("the diagonal executor does not run ACT models; use executor='sequential'")
     streams = [Stream(ids[b], A[b], z[b], bool(first[b])) for b in range(ids.shape[0])]
     logits, A_out, z_out = run_streams(model, streams, want_logits)
     return (torch.stack(logits) if want_logits else None), A_out, z_out  # [B, T, V]

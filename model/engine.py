@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from .act import ActRun, ActStats
 from .diagonal import Stream, run_diagonal, run_streams
 from .generation import SamplingParams, decode_final_segment
 from .sequential import run_sequential
@@ -50,9 +51,11 @@ class ArmtEngineMixin:
         return ids.to(torch.int64)
 
     def _executor(self, name: str):
+        """The executor by name; ACT models always run the sequential order (per-token hop counts differ by layer,
+        which one diagonal step cannot batch)."""
         if name not in EXECUTORS:
             raise ValueError(f"unknown executor {name!r}; available: {sorted(EXECUTORS)}")
-        return EXECUTORS[name]
+        return run_sequential if self.config.act else EXECUTORS[name]
 
     def _empty_memory(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         L, d_key, d = self.n_layers, self.config.d_key, self.base.d_model
@@ -67,17 +70,20 @@ class ArmtEngineMixin:
         return MemoryState(A[0], z[0], self.fingerprint)
 
     @torch.no_grad()
-    def forward_long(self, input_ids: IdsLike, executor: str = "sequential"):
+    def forward_long(self, input_ids: IdsLike, executor: str = "sequential", max_hop: int | None = None,
+                     act_stats: ActStats | None = None):
         """Official forward from empty memory: every segment, the short last one too, is read and written.
 
         input_ids [T] or [B, T] -> (logits [B, T, V], state) where state is a MemoryState for B == 1 and a list
-        of MemoryStates (one per row) for B > 1.
+        of MemoryStates (one per row) for B > 1. For ACT models, `max_hop` overrides the configured hop limit
+        and `act_stats` (an ActStats) receives the hops actually used.
         """
+        act = ActRun.for_model(self.config, max_hop, act_stats)
         ids = self.check_ids(input_ids)
         B, T = ids.shape
         A, z = self._empty_memory(B)
         first = torch.ones(B, dtype=torch.bool, device=self.device)
-        logits, A, z = self._executor(executor)(self, ids, A, z, first, True)
+        logits, A, z = self._executor(executor)(self, ids, A, z, first, True, act)
         n_segments = -(-T // self.config.segment_size)
         states = [MemoryState(A[b], z[b], self.fingerprint, [], n_segments, T) for b in range(B)]
         return logits, (states[0] if B == 1 else states)
@@ -106,6 +112,8 @@ class ArmtEngineMixin:
         """
         if len(states) != len(ids_list):
             raise ValueError(f"ingest_many got {len(states)} states but {len(ids_list)} id lists")
+        if self.config.act:  # ACT runs sequentially (see _executor)
+            return [self.ingest(state, ids) for state, ids in zip(states, ids_list)]
         plans = [(state, *self._plan_ingest(state, ids)) for state, ids in zip(states, ids_list)]
         streams = [Stream(torch.tensor(tokens[:n_write], dtype=torch.int64, device=self.device),  # [n_write]
                           state.A.to(self.device), state.z.to(self.device), state.segments == 0)
@@ -144,12 +152,15 @@ class ArmtEngineMixin:
         stop_token_ids: Sequence[int] | None = None,
         seed: int | None = None,
         executor: str = "sequential",
+        max_hop: int | None = None,
+        act_stats: ActStats | None = None,
     ) -> Iterator[int]:
         """Yield new token ids one by one for pending tail + prompt; `state` is never modified.
 
         stop_token_ids defaults to the base config's eos_token_id (as HF generate); a stop token is yielded and
-        ends the stream. Greedy unless temperature > 0.
+        ends the stream. Greedy unless temperature > 0. `max_hop` / `act_stats` as in forward_long (ACT models).
         """
+        act = ActRun.for_model(self.config, max_hop, act_stats)
         state.check(self.fingerprint)
         params = SamplingParams(max_new_tokens, temperature, top_p, self._stop_ids(stop_token_ids), seed)
         ids = self.check_ids(prompt_ids, name="prompt_ids", allow_empty=True)
@@ -162,18 +173,18 @@ class ArmtEngineMixin:
         n_write = ((len(tokens) - 1) // S) * S  # every segment but the last is written
         final = tokens[n_write:]
         self._check_decode_positions(len(final), max_new_tokens)
-        return self._generate(state, tokens[:n_write], final, params, executor)
+        return self._generate(state, tokens[:n_write], final, params, executor, act)
 
-    def _generate(self, state, write_tokens, final, params, executor) -> Iterator[int]:
+    def _generate(self, state, write_tokens, final, params, executor, act) -> Iterator[int]:
         with torch.no_grad():
             A, z = state.A.unsqueeze(0).to(self.device), state.z.unsqueeze(0).to(self.device)
             first = torch.tensor([state.segments == 0], device=self.device)
             if write_tokens:
                 write_ids = torch.tensor([write_tokens], dtype=torch.int64, device=self.device)
-                _, A, z = self._executor(executor)(self, write_ids, A, z, first, False)
+                _, A, z = self._executor(executor)(self, write_ids, A, z, first, False, act)
                 first = torch.zeros_like(first)
         final_ids = torch.tensor([final], dtype=torch.int64, device=self.device)  # [1, n]
-        yield from decode_final_segment(self, final_ids, A, z, first, params)
+        yield from decode_final_segment(self, final_ids, A, z, first, params, act)
 
     def default_stop_ids(self) -> tuple[int, ...]:
         """The stop tokens `generate` uses when given none (the base config's eos_token_id)."""

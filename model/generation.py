@@ -58,15 +58,20 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
 
 
 def decode_final_segment(
-    model, final_ids: torch.Tensor, A: torch.Tensor, z: torch.Tensor, first: torch.Tensor, params: SamplingParams
+    model, final_ids: torch.Tensor, A: torch.Tensor, z: torch.Tensor, first: torch.Tensor, params: SamplingParams,
+    act=None,
 ) -> Iterator[int]:
     """Prefill the final segment final_ids [1, n] (read, no write) and decode token by token.
 
     A [1, L, d_key, d], z [1, L, d_key] are the memory after every written segment; they are only read.
+    ACT models (`act`) re-run the segment for every new token instead of keeping a KV cache (see decode_act).
     """
     generator = None
     if params.seed is not None:
         generator = torch.Generator(device="cpu").manual_seed(params.seed)
+    if act is not None:
+        yield from decode_act(model, final_ids, A, z, first, params, act, generator)
+        return
     cache = model.base.new_cache()
     x, positions, _ = model.segment_inputs(final_ids, with_memory=False)  # [1, n', d], [1, n']
     next_pos = positions.shape[1]
@@ -82,3 +87,22 @@ def decode_final_segment(
             pos = torch.tensor([[next_pos + step]], device=final_ids.device)
             h, _, _ = model.run_layers(model.base.embed(ids), pos, A, z, first, write=False, cache=cache)
             logits = model.base.head(h)  # [1, 1, V]
+
+
+def decode_act(model, final_ids, A, z, first, params: SamplingParams, act, generator) -> Iterator[int]:
+    """Decode for ACT models: every hop of a layer attends to the other tokens' states at the same hop, so a cache
+    would need one entry per (layer, hop) and tokens that halted early would have none for later hops. The final
+    segment is short, so it is simply run again over (segment + tokens so far) for each new token; a token's
+    output depends only on earlier tokens (causal attention, per-token halting), so this is the exact result.
+    """
+    ids = final_ids
+    for step in range(params.max_new_tokens):
+        with torch.no_grad():
+            x, positions, _ = model.segment_inputs(ids, with_memory=False)  # [1, n', d], [1, n']
+            h, _, _ = model.run_layers(x, positions, A, z, first, write=False, act=act)
+            logits = model.base.head(h[:, -1:])  # [1, 1, V]
+        token = sample(logits[0, -1].cpu(), params, generator)
+        yield token
+        if token in params.stop_token_ids or step == params.max_new_tokens - 1:
+            return
+        ids = torch.cat([ids, torch.tensor([[token]], device=ids.device)], dim=1)  # [1, n + 1]

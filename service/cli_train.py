@@ -14,7 +14,7 @@ import typer
 
 def train(
     out: Path = typer.Option(Path("runs/train"), help="run directory: log, checkpoint, final model in OUT/model"),
-    task: str = typer.Option("qa1", help="qa1 | qa2 | remember"),
+    task: str = typer.Option("qa1", help="qa1 | qa2 | remember | ca (cellular automata; see --arch, --ca-k)"),
     init: Path = typer.Option(None, help="start from this local ARMT or plain HF LLaMA/GPT-2 directory (a plain one "
                                          "gets fresh memory shaped by --num-mem-tokens/--d-mem/--segment-size)"),
     minutes: float = typer.Option(45.0, help="training time budget (evaluation checks included)"),
@@ -26,6 +26,7 @@ def train(
     probe_layer: int = typer.Option(2, help="0-based block whose output the name-binding probe reads"),
     probe_weight: float = typer.Option(0.2, help="name-binding probe weight (0: off)"),
     lr: float = 1e-3,
+    warmup: int = typer.Option(200, help="linear warm-up steps"),
     layers: int = 4, hidden: int = 128, heads: int = 4, ffn: int = 512,
     num_mem_tokens: int = 16, d_mem: int = 32, segment_size: int = 64, vocab: int = 3000,
     seed: int = 0,
@@ -33,6 +34,13 @@ def train(
     device: str = "cpu",
     bf16: bool = typer.Option(False, help="bfloat16 weights (memory state stays fp32)"),
     export: Path = typer.Option(None, help="also copy the final model directory here (e.g. model/weights/default)"),
+    arch: str = typer.Option("armt", help="task ca: armt (21-token segments + memory) or plain (one segment)"),
+    ca_k: int = typer.Option(1, help="task ca: predict the state k steps ahead (1..4)"),
+    ca_variant: str = typer.Option("os", help="task ca: os | oo | shift"),
+    act: bool = typer.Option(False, help="adaptive computation time in every layer (new models)"),
+    max_hop: int = typer.Option(4, help="ACT: most hops per layer"),
+    act_fixed: bool = typer.Option(False, help="ACT: always run max_hop hops (fixed computation)"),
+    ponder_tau: float = typer.Option(1e-3, help="ACT: weight of the ponder cost"),
 ) -> None:
     """Curriculum training with back-propagation through the memory (sequential order); see model/training."""
     import torch
@@ -40,19 +48,25 @@ def train(
     from model import ArmtConfig
     from model.tasks import Codec
     from model.training import TrainConfig, Trainer, default_tokenizer, load_for_training, new_model, write_log
+    from model.training.reasoning import new_ca_model
 
     torch.manual_seed(seed)
-    if init is not None:
+    if task == "ca":
+        model = new_ca_model(arch, layers, hidden, heads, ffn, num_mem_tokens, d_mem, act, max_hop, act_fixed,
+                             ca_variant, seed)
+        stages, aux_batch_size, copy_batch_size, probe_weight = "1", 0, 0, 0.0
+    elif init is not None:
         armt = ArmtConfig(num_mem_tokens=num_mem_tokens, d_mem=d_mem, segment_size=segment_size, armt_version=2)
         model = load_for_training(init, armt)
     else:
         model = new_model(default_tokenizer(vocab), layers, hidden, heads, ffn, num_mem_tokens, d_mem,
-                          segment_size, seed)
+                          segment_size, seed, act=act, max_hop=max_hop, act_fixed=act_fixed)
     model = model.to(device=device, dtype=torch.bfloat16 if bf16 else torch.float32)
     cfg = TrainConfig(task=task, stages=tuple(int(s) for s in stages.split(",")), batch_size=batch_size,
                       aux_batch_size=aux_batch_size, copy_batch_size=copy_batch_size, probe_layer=probe_layer,
-                      probe_weight=probe_weight, lr=lr, minutes=minutes, max_steps=max_steps, seed=seed)
-    trainer = Trainer(model, Codec(model.tokenizer), cfg, out)
+                      probe_weight=probe_weight, lr=lr, warmup=warmup, minutes=minutes, max_steps=max_steps, seed=seed,
+                      ca_k=ca_k, ca_variant=ca_variant, ponder_tau=ponder_tau)
+    trainer = Trainer(model, Codec(model.tokenizer) if model.tokenizer is not None else None, cfg, out)
     if resume and not trainer.load_checkpoint():
         typer.echo(f"error: no checkpoint in {out / 'checkpoint'}", err=True)
         raise typer.Exit(2)
@@ -107,8 +121,14 @@ def evaluate(
     plot: Path = typer.Option(None, help="PNG of accuracy vs length (needs matplotlib)"),
     executor: str = "diagonal",
     memory: bool = typer.Option(True, help="--no-memory: baseline that sees only the last segment"),
+    ca_k: int = typer.Option(1, help="task ca: the horizon k the model was trained for"),
+    ca_variant: str = typer.Option("os", help="task ca: os | oo | shift"),
+    max_hop: str = typer.Option("", help="task ca, ACT models: comma-separated max_hop values to compare"),
 ) -> None:
-    """Exact-match accuracy against document length, with 95% Wilson intervals; JSON and an optional PNG."""
+    """Exact-match accuracy against document length, with 95% Wilson intervals; JSON and an optional PNG.
+
+    Task ca: exact match and cell accuracy on test-split rules (never seen in training), per max_hop for ACT models.
+    """
     import torch
 
     from model import default_model_path
@@ -118,6 +138,10 @@ def evaluate(
     from service.cli import _load
 
     m = _load(model_dir or default_model_path())
+    if task == "ca":
+        torch.set_grad_enabled(False)
+        _eval_ca(m, model_dir, ca_k, ca_variant, max_hop, samples, seed, out)
+        return
     if m.tokenizer is None:
         typer.echo("error: the model has no tokenizer.json", err=True)
         raise typer.Exit(2)
@@ -140,6 +164,24 @@ def evaluate(
                               indent=2))
     if plot is not None:
         _plot_eval(rows, task, plot)
+
+
+def _eval_ca(m, model_dir, k: int, variant: str, max_hop: str, samples: int, seed: int, out: Path | None) -> None:
+    from model.training.reasoning import ca_accuracy
+
+    hops = [int(x) for x in max_hop.split(",") if x.strip()] or [None]
+    rows = []
+    for hop in hops:
+        start = time.perf_counter()
+        row = ca_accuracy(m, k, variant, samples, split="test", seed=seed, max_hop=hop)
+        row["seconds"] = round(time.perf_counter() - start, 1)
+        rows.append(row)
+        extra = f" mean hops {row['mean_hops']}" if "mean_hops" in row else ""
+        typer.echo(f"ca {variant} k={k} max_hop={hop}: exact {row['accuracy']:.3f} [{row['ci95'][0]:.3f}, "
+                   f"{row['ci95'][1]:.3f}] cells {row['cell_accuracy']:.3f} n={row['samples']}{extra}")
+    out = out or Path(f"runs/eval-ca-k{k}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"model": str(model_dir), "rows": rows}, indent=2))
 
 
 def _plot_eval(rows: list[dict], task: str, path: Path) -> None:

@@ -26,15 +26,16 @@ def corpus() -> list[str]:
     return [topics[k] for k in sorted(topics)]
 
 
-def build_tiny_model(directory: Path, seed: int = 0) -> Path:
+def build_tiny_model(directory: Path, seed: int = 0, act: bool = False) -> Path:
     """2 layers, hidden 32, segments of 16 + 4 memory tokens, a ~300-token byte-level BPE; W_mv random so that
-    the memory changes the answers (the research init of zero would leave it unused)."""
+    the memory changes the answers (the research init of zero would leave it unused). `act`: with ACT layers."""
     tok = train_tokenizer(corpus()[:40], vocab_size=300)
     eos = tok.token_to_id(EOS)
     cfg = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512, eos_token_id=eos,
                       bos_token_id=eos, tie_word_embeddings=False)
-    model = ArmtModel.from_config(cfg, ArmtConfig(num_mem_tokens=4, d_mem=8, segment_size=SEGMENT), seed=seed)
+    model = ArmtModel.from_config(cfg, ArmtConfig(num_mem_tokens=4, d_mem=8, segment_size=SEGMENT, act=act),
+                                  seed=seed)
     with torch.no_grad():
         model.W_mv.normal_(0, 0.3, generator=torch.Generator().manual_seed(seed))
         model.base.hf.lm_head.weight[eos].zero_()  # keeps greedy answers from ending at once (tests want length)

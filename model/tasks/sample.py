@@ -19,6 +19,7 @@ class Sample:
     answers: list[list[int]] = field(default_factory=list)  # per question: positions of its answer tokens
     probes: list[tuple[int, int]] = field(default_factory=list)  # (position, token the probe should name there)
     answer: str = ""  # the last question's answer as text
+    inputs: list[int] | None = None  # what the model reads, when it differs from ids (masked targets)
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -20,8 +20,9 @@ def default_tokenizer(vocab_size: int = 3000):
 
 
 def new_model(tokenizer, layers: int = 4, hidden: int = 128, heads: int = 4, ffn: int = 512,
-              num_mem_tokens: int = 16, d_mem: int = 32, segment_size: int = 64, seed: int = 0):
-    """A fresh LLaMA-style ARMT (version 2: L2-normalised DPFP features) sized by the arguments."""
+              num_mem_tokens: int = 16, d_mem: int = 32, segment_size: int = 64, seed: int = 0, act: bool = False,
+              max_hop: int = 4, act_fixed: bool = False):
+    """A fresh LLaMA-style ARMT (version 2: L2-normalised DPFP features) sized by the arguments (ACT optional)."""
     from ..armt import ArmtModel
     from ..config import ArmtConfig
     from ..hf_base import make_config
@@ -30,7 +31,8 @@ def new_model(tokenizer, layers: int = 4, hidden: int = 128, heads: int = 4, ffn
                        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
                        max_position_embeddings=4096, tie_word_embeddings=True, bos_token_id=None,
                        eos_token_id=tokenizer.token_to_id(EOS), pad_token_id=tokenizer.token_to_id(PAD))
-    armt = ArmtConfig(num_mem_tokens=num_mem_tokens, d_mem=d_mem, segment_size=segment_size, armt_version=2)
+    armt = ArmtConfig(num_mem_tokens=num_mem_tokens, d_mem=d_mem, segment_size=segment_size, armt_version=2,
+                      act=act, max_hop=max_hop, act_fixed=act_fixed)
     model = ArmtModel.from_config(base, armt, seed=seed)
     model.tokenizer = tokenizer
     return model

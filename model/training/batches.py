@@ -23,6 +23,7 @@ class Batch:
     n_questions: int
     probe_pos: torch.Tensor  # [P] flat positions for the probe
     probe_target: torch.Tensor  # [P] token ids the probe should name
+    inputs: torch.Tensor | None = None  # [B, T] what the model reads when it differs from ids (masked targets)
 
     @property
     def tokens(self) -> int:
@@ -44,7 +45,12 @@ def collate(samples: list[Sample], pad: int, with_probe: bool) -> Batch:
             p_pos.extend(row * T + t for t, _ in s.probes)
             p_tgt.extend(tok for _, tok in s.probes)
     as_long = lambda xs: torch.tensor(xs, dtype=torch.int64)  # noqa: E731
-    return Batch(ids, as_long(a_pos), as_long(a_q), q, as_long(p_pos), as_long(p_tgt))
+    inputs = None
+    if samples[0].inputs is not None:
+        inputs = ids.clone()
+        for row, s in enumerate(samples):
+            inputs[row, : len(s)] = torch.tensor(s.inputs)
+    return Batch(ids, as_long(a_pos), as_long(a_q), q, as_long(p_pos), as_long(p_tgt), inputs)
 
 
 def stage_length(rng: random.Random, stage: int, segment_size: int) -> int:

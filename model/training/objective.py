@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..act import ActRun
 from ..sequential import split_segments
 from .batches import Batch
 
@@ -28,10 +29,12 @@ class Probe(nn.Module):
         return self.head(F.layer_norm(h, h.shape[-1:]))  # [N, V]
 
 
-def hidden_states(model, ids: torch.Tensor, probe_layer: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def hidden_states(model, ids: torch.Tensor, probe_layer: int | None, act: ActRun | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """ids [B, T] -> (last block output [B, T, d], probe layer output [B, T, d] or None), from empty memory.
 
     Every segment is read and written (the official forward); memory tokens are stripped from the outputs.
+    `act` (ACT models) collects the ponder cost.
     """
     B = ids.shape[0]
     A, z = model._empty_memory(B)
@@ -40,7 +43,7 @@ def hidden_states(model, ids: torch.Tensor, probe_layer: int | None) -> tuple[to
     for start, end in split_segments(ids.shape[1], model.config.segment_size):
         x, pos, off = model.segment_inputs(ids[:, start:end], with_memory=True)
         taps = {probe_layer: None} if probe_layer is not None else None
-        h, A, z = model.run_layers(x, pos, A, z, first, write=True, taps=taps)
+        h, A, z = model.run_layers(x, pos, A, z, first, write=True, taps=taps, act=act)
         first = torch.zeros_like(first)
         n = end - start
         finals.append(h[:, off : off + n])  # [B, n, d]
@@ -51,9 +54,14 @@ def hidden_states(model, ids: torch.Tensor, probe_layer: int | None) -> tuple[to
 
 
 def losses(model, probe: Probe | None, batch: Batch, use_probe: bool) -> dict:
-    """Answer cross-entropy (+ probe cross-entropy) and per-question exact match for one batch."""
+    """Answer cross-entropy (+ probe cross-entropy, + ACT ponder cost) and per-question exact match for one batch.
+
+    The model reads `batch.inputs` where given (masked targets), else the ids themselves (teacher forcing).
+    """
     ids = batch.ids
-    final, tapped = hidden_states(model, ids, probe.layer if (probe is not None and use_probe) else None)
+    act = ActRun.for_model(model.config, ponder=True)
+    reads = batch.inputs if batch.inputs is not None else ids
+    final, tapped = hidden_states(model, reads, probe.layer if (probe is not None and use_probe) else None, act)
     d = final.shape[-1]
     flat = final.reshape(-1, d)  # [B*T, d]
     logits = model.base.head(flat[batch.answer_pos - 1])  # [N, V]: position p is predicted from p - 1
@@ -63,6 +71,9 @@ def losses(model, probe: Probe | None, batch: Batch, use_probe: bool) -> dict:
     wrong = torch.zeros(batch.n_questions).index_add_(0, batch.answer_question, 1 - hit)  # [Q]
     out["correct"] = int((wrong == 0).sum())
     out["questions"] = batch.n_questions
+    out["cells_correct"], out["cells"] = int(hit.sum()), int(hit.numel())
+    if act is not None:
+        out["ponder"] = act.ponder_cost()
     if tapped is not None and batch.probe_pos.numel():
         probe_logits = probe(tapped.reshape(-1, d)[batch.probe_pos])  # [P, V]
         out["probe"] = F.cross_entropy(probe_logits.float(), batch.probe_target)

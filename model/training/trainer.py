@@ -21,6 +21,7 @@ from ..tasks import Codec
 from .batches import aux_batch, task_batch
 from .evaluate import accuracy
 from .objective import Probe, losses
+from .reasoning import ca_accuracy, ca_batch
 
 
 @dataclass
@@ -50,6 +51,9 @@ class TrainConfig:
     max_steps: int = 100_000
     seed: int = 0
     checkpoint_every: float = 300.0  # seconds
+    ca_k: int = 1  # task "ca": the state k steps ahead (model/tasks/cellular_automata.py)
+    ca_variant: str = "os"  # task "ca": os | oo | shift
+    ponder_tau: float = 1e-3  # ACT models: weight of the ponder cost (hops + remainder per token)
 
 
 @dataclass
@@ -100,13 +104,12 @@ class Trainer:
         if st.stage_index and self.rng.random() < cfg.replay:
             stage = self.cfg.stages[self.rng.randrange(st.stage_index)]
         self.model.train()
-        kw = {"distinct": True} if stage == 0 and cfg.dense_distinct and cfg.task == "qa1" else {}
-        batch = task_batch(self.codec, self.rng, cfg.task, stage, cfg.batch_size, self.S, cfg.questions, **kw)
+        batch = self._task_batch(stage)
         use_probe = self.probe is not None and stage <= cfg.probe_max_stage
         out = losses(self.model, self.probe, batch, use_probe)
-        loss = out["answer"] + cfg.probe_weight * out.get("probe", 0.0)
+        loss = out["answer"] + cfg.probe_weight * out.get("probe", 0.0) + cfg.ponder_tau * out.get("ponder", 0.0)
         tokens = batch.tokens
-        if cfg.aux_batch_size or cfg.copy_batch_size:
+        if cfg.task != "ca" and (cfg.aux_batch_size or cfg.copy_batch_size):
             extra = aux_batch(self.codec, self.rng, cfg.aux_batch_size, self.S, cfg.copy_batch_size)
             aux = losses(self.model, self.probe, extra, self.probe is not None)
             loss = loss + aux["answer"] + cfg.probe_weight * aux.get("probe", 0.0)
@@ -122,10 +125,29 @@ class Trainer:
         if stage == self.stage:
             self.window.append((out["correct"], out["questions"]))
         probe_loss = out["probe"].item() if "probe" in out else None
-        return {"step": st.step, "stage": stage, "lr": self.opt.param_groups[0]["lr"], "loss": loss.item(),
-                "answer_loss": out["answer"].item(),
-                "probe_loss": probe_loss, "acc": out["correct"] / out["questions"], "grad_norm": float(norm),
-                "tokens": tokens}
+        row = {"step": st.step, "stage": stage, "lr": self.opt.param_groups[0]["lr"], "loss": loss.item(),
+               "answer_loss": out["answer"].item(), "probe_loss": probe_loss,
+               "acc": out["correct"] / out["questions"], "cell_acc": out["cells_correct"] / out["cells"],
+               "grad_norm": float(norm), "tokens": tokens}
+        if "ponder" in out:
+            row["ponder"] = round(out["ponder"].detach().item(), 4)
+        return row
+
+    def _task_batch(self, stage: int):
+        cfg = self.cfg
+        if cfg.task == "ca":
+            return ca_batch(self.rng, cfg.batch_size, cfg.ca_k, cfg.ca_variant)
+        kw = {"distinct": True} if stage == 0 and cfg.dense_distinct and cfg.task == "qa1" else {}
+        return task_batch(self.codec, self.rng, cfg.task, stage, cfg.batch_size, self.S, cfg.questions, **kw)
+
+    def _heldout(self, seed: int) -> dict:
+        """Fresh documents of the current stage (QA: a separate generator; CA: the validation rules)."""
+        cfg = self.cfg
+        if cfg.task == "ca":
+            return ca_accuracy(self.model, cfg.ca_k, cfg.ca_variant, cfg.heldout, split="validation", seed=seed)
+        dense = self.stage == 0
+        return accuracy(self.model, self.codec, cfg.task, max(self.stage, 1), cfg.heldout, split="train", seed=seed,
+                        dense=dense, distinct=dense and cfg.dense_distinct and cfg.task == "qa1")
 
     def running_accuracy(self) -> float:
         if len(self.window) < self.window.maxlen:
@@ -138,10 +160,7 @@ class Trainer:
         last = st.stage_index + 1 == len(cfg.stages)
         if st.step % (cfg.check_every * (5 if last else 1)) or self.running_accuracy() < cfg.advance_at:
             return None
-        seed = 10_000 + st.step
-        dense = self.stage == 0
-        held = accuracy(self.model, self.codec, cfg.task, max(self.stage, 1), cfg.heldout, split="train",
-                        seed=seed, dense=dense, distinct=dense and cfg.dense_distinct and cfg.task == "qa1")
+        held = self._heldout(10_000 + st.step)
         event = {"step": st.step, "stage": self.stage, "heldout": held["accuracy"]}
         if held["accuracy"] >= cfg.advance_at and st.stage_index + 1 < len(cfg.stages):
             st.stage_index += 1

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+from model.act import ActStats
+
 from .errors import ArmtServiceError
 from .scheduler import GenerateJob
 from .textstream import AnswerText
@@ -20,13 +22,14 @@ _END = object()
 
 class AnswerRun:
     def __init__(self, tokenizer, state, prompt_ids: list[int], params: AskParams,
-                 loop: asyncio.AbstractEventLoop) -> None:
+                 loop: asyncio.AbstractEventLoop, act: bool = False) -> None:
         self.text = AnswerText(tokenizer, params.stop)
         self.prompt_tokens = len(state.pending) + len(prompt_ids)
         self.loop = loop
         self.queue: asyncio.Queue = asyncio.Queue()
+        self.act_stats = ActStats() if act else None
         self.job = GenerateJob(state, prompt_ids, params.max_new_tokens, params.temperature, params.top_p,
-                               params.seed, self._on_token, self._on_done)
+                               params.seed, self._on_token, self._on_done, params.max_hop, self.act_stats)
 
     def _put(self, item) -> None:
         try:
@@ -47,7 +50,8 @@ class AnswerRun:
         tail = self.text.flush()
         if tail:
             self._put(TextDelta(tail))
-        self._put(AnswerDone(self.text.text, reason or "stop", self.prompt_tokens, len(self.text.ids)))
+        hops = round(self.act_stats.mean_hops, 3) if self.act_stats is not None else None
+        self._put(AnswerDone(self.text.text, reason or "stop", self.prompt_tokens, len(self.text.ids), hops))
         self._put(_END)
 
     async def events(self) -> AsyncIterator[TextDelta | AnswerDone]:

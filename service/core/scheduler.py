@@ -46,6 +46,8 @@ class GenerateJob:
     seed: int | None
     on_token: Callable[[int], bool]
     on_done: Callable[[str | None, BaseException | None], None]
+    max_hop: int | None = None  # ACT models: hop limit for this answer
+    act_stats: object = None  # ACT models: a model.act.ActStats the engine fills
     cancel: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
     started: bool = False

@@ -25,6 +25,8 @@ from .store import SessionStore
 from .textstream import ReadyText, Utf8Stream
 from .types import SESSION_ID, AnswerDone, AppendResult, AskParams, LastAppend, SessionMeta, SessionPage, TextDelta
 
+MAX_HOP_LIMIT = 64  # ACT: the most hops per layer a request may ask for (compute grows linearly with it)
+
 CURSOR = re.compile(r"^(\d{1,20})-([0-9a-f]{32})$")
 
 
@@ -154,7 +156,7 @@ class SessionService:
         # whitespace of the document (a final newline, say) is not part of the prompt.
         text = meta.held.rstrip() + question_text(params.question)
         prompt = self.tokenizer.encode(text, add_special_tokens=False).ids
-        run = AnswerRun(self.tokenizer, state, prompt, params, asyncio.get_running_loop())
+        run = AnswerRun(self.tokenizer, state, prompt, params, asyncio.get_running_loop(), self.model.config.act)
         self.scheduler.submit(run.job)
         return run.events()
 
@@ -171,6 +173,11 @@ class SessionService:
             raise InvalidRequest(f"temperature must be >= 0, got {p.temperature}")
         if not 0 < p.top_p <= 1:
             raise InvalidRequest(f"top_p must be in (0, 1], got {p.top_p}")
+        if p.max_hop is not None and not self.model.config.act:
+            raise InvalidRequest("max_hop applies only to models trained with adaptive computation time; "
+                                 "this model has none")
+        if p.max_hop is not None and not 1 <= p.max_hop <= MAX_HOP_LIMIT:
+            raise InvalidRequest(f"max_hop must be in 1..{MAX_HOP_LIMIT}, got {p.max_hop}")
 
     # ------------------------------------------------------------------ state
     def _lock(self, session_id: str) -> asyncio.Lock:

@@ -85,6 +85,7 @@ class AskParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    max_hop: int | None = None  # ACT models only: hop limit per layer for this answer
 
 
 @dataclass(frozen=True)
@@ -100,3 +101,4 @@ class AnswerDone:
     finish_reason: str  # "stop" (eos or a stop string) | "length"
     prompt_tokens: int
     completion_tokens: int
+    mean_hops: float | None = None  # ACT models: hops per layer actually used (mean over tokens and layers)

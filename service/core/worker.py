@@ -66,7 +66,7 @@ class EngineWorker:
                 job.started = True
                 job.iterator = self.model.generate(
                     job.state, job.prompt_ids, max_new_tokens=job.max_new_tokens, temperature=job.temperature,
-                    top_p=job.top_p, seed=job.seed)
+                    top_p=job.top_p, seed=job.seed, max_hop=job.max_hop, act_stats=job.act_stats)
             token = next(job.iterator)
         except StopIteration:
             return self._end(job, "length", None)
@@ -96,6 +96,9 @@ class EngineWorker:
 
     def _end(self, job: GenerateJob, reason: str | None, error: BaseException | None) -> None:
         self.scheduler.finish(job)
+        if job.act_stats is not None and job.act_stats.calls:
+            with self.stats.lock:
+                self.stats.engine.act_hops.observe(job.act_stats.mean_hops)
         if isinstance(error, Cancelled):  # nobody sees an error body for these: count them here
             self.stats.fail(error.code)
         if job.iterator is not None:

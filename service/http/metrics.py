@@ -50,6 +50,7 @@ class CoreCollector:
                              eng.inter_token_latency)
             yield _histogram("armt_ingest_seconds_per_segment", "Ingest time per written segment (per unit)",
                              eng.ingest_seconds_per_segment)
+            yield _histogram("armt_act_hops", "ACT models: mean hops per layer used by an answer", eng.act_hops)
             yield _histogram("armt_state_save_seconds", "Durable write of a session", store.save_seconds)
             yield _histogram("armt_state_load_seconds", "Read of a session's state from the store",
                              store.load_seconds)

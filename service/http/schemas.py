@@ -68,6 +68,8 @@ class AskIn(BaseModel):
     stop: list[str] | str | None = Field(None, description="stop when the answer contains one (trimmed)")
     stream: bool = False
     seed: int | None = None
+    max_hop: int | None = Field(None, ge=1, le=64, description="models trained with adaptive computation time "
+                                "only: most hops per layer for this answer (the inference-time compute knob)")
 
 
 class UsageOut(BaseModel):
@@ -79,10 +81,11 @@ class AskOut(BaseModel):
     answer: str
     finish_reason: Literal["stop", "length"]
     usage: UsageOut
+    mean_hops: float | None = Field(None, description="ACT models: hops per layer used (mean over tokens, layers)")
 
     @classmethod
     def of(cls, d: AnswerDone) -> "AskOut":
-        return cls(answer=d.answer, finish_reason=d.finish_reason,
+        return cls(answer=d.answer, finish_reason=d.finish_reason, mean_hops=d.mean_hops,
                    usage=UsageOut(prompt_tokens=d.prompt_tokens, completion_tokens=d.completion_tokens))
 
 

@@ -26,7 +26,8 @@ router = APIRouter(prefix="/v1/sessions", tags=["ask"])
 
 def ask_params(body: AskIn, settings: Settings) -> AskParams:
     return AskParams(question=body.question, max_new_tokens=body.max_new_tokens or settings.default_max_new_tokens,
-                     temperature=body.temperature, top_p=body.top_p, stop=stop_tuple(body.stop), seed=body.seed)
+                     temperature=body.temperature, top_p=body.top_p, stop=stop_tuple(body.stop), seed=body.seed,
+                     max_hop=body.max_hop)
 
 
 @router.post(

@@ -1,0 +1,112 @@
+"""Adaptive computation time (ACT) for one ARMT layer: re-apply the layer to its own output until it halts.
+
+Beyond Memorization (research/beyond-memorization.md) gives every ARMT layer Graves' ACT: the layer (memory read +
+block) runs up to `max_hop` times on its own output; after hop n a halting unit p_n = sigmoid(w . y_n + b) per
+token says how much of the remaining probability mass to stop with. A token halts at the first hop where its
+accumulated p would pass `threshold` (1 - eps), or at `max_hop`, and spends what is left there (the remainder R).
+Its output is the halting-weighted mix of its hop outputs. The weights always sum to 1 (forced halt at max_hop), so
+`max_hop = 1` is exactly the plain layer, and a model trained with ACT can be run with another `max_hop` at
+inference. Ponder cost (Graves): N + R per token, N = hops used, added to the loss as tau * mean.
+Fixed-computation mode (FCT) applies the layer exactly `max_hop` times and keeps the last output.
+
+The memory is read at every hop (inside `step`) and written once, after the loop, by the caller.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class ActStats:
+    """Hops actually used, per layer: `mean_hops` averages over tokens and calls (what the service reports)."""
+
+    hop_sums: dict[int, float] = field(default_factory=dict)  # layer -> sum over calls of mean hops per token
+    calls: dict[int, int] = field(default_factory=dict)
+    max_hops: int = 0  # most hops any token used
+
+    def add(self, layer: int, n_updates: torch.Tensor) -> None:
+        self.hop_sums[layer] = self.hop_sums.get(layer, 0.0) + float(n_updates.float().mean())
+        self.calls[layer] = self.calls.get(layer, 0) + 1
+        self.max_hops = max(self.max_hops, int(n_updates.max()))
+
+    @property
+    def hops_per_layer(self) -> list[float]:
+        return [self.hop_sums[layer] / self.calls[layer] for layer in sorted(self.hop_sums)]
+
+    @property
+    def mean_hops(self) -> float:
+        per_layer = self.hops_per_layer
+        return sum(per_layer) / len(per_layer) if per_layer else 0.0
+
+
+@dataclass
+class ActRun:
+    """The ACT settings of one forward call (config defaults, `max_hop` overridable) and what it collects."""
+
+    max_hop: int
+    threshold: float
+    fixed: bool
+    stats: ActStats | None = None
+    ponder: list[torch.Tensor] | None = None  # training: per layer call, mean N + R over tokens (differentiable)
+
+    @classmethod
+    def for_model(cls, config, max_hop: int | None = None, stats: ActStats | None = None,
+                  ponder: bool = False) -> "ActRun | None":
+        """None for models without ACT (then `max_hop` must be None too)."""
+        if not config.act:
+            if max_hop is not None:
+                raise ValueError("max_hop applies only to models trained with adaptive computation time (act=true)")
+            return None
+        hops = config.max_hop if max_hop is None else max_hop
+        if isinstance(hops, bool) or not isinstance(hops, int) or hops < 1:
+            raise ValueError(f"max_hop must be an integer >= 1, got {max_hop!r}")
+        return cls(hops, config.act_threshold, config.act_fixed, stats, [] if ponder else None)
+
+    def ponder_cost(self) -> torch.Tensor:
+        return torch.stack(self.ponder).mean() if self.ponder else torch.zeros(())
+
+
+def halting_loop(step: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
+                 run: ActRun, layer: int) -> torch.Tensor:
+    """ACT over `step` from h [B, T, d]; w [1, d], b [1] the layer's halting unit. Returns the mixed output.
+
+    Every token goes through every executed hop (attention needs the whole segment at each hop); a halted token's
+    later hops get weight 0. The loop stops early once every token has halted.
+    """
+    B, T, _ = h.shape
+    if run.fixed:
+        for _ in range(run.max_hop):
+            h = step(h)
+        _record(run, layer, torch.full((B, T), float(run.max_hop), device=h.device), torch.zeros(B, T))
+        return h
+    acc = h.new_zeros(B, T, dtype=torch.float32)  # accumulated halting probability of still-running tokens
+    remainder = torch.zeros_like(acc)
+    n_updates = torch.zeros_like(acc)
+    running = torch.ones(B, T, dtype=torch.bool, device=h.device)
+    out = torch.zeros_like(h)
+    y = h
+    for hop in range(1, run.max_hop + 1):
+        y = step(y)
+        p = torch.sigmoid((y @ w.t()).squeeze(-1).float() + b.float())  # [B, T]
+        halt = running & ((acc + p >= run.threshold) | (hop == run.max_hop))
+        cont = running & ~halt
+        weight = torch.where(halt, 1 - acc, torch.where(cont, p, torch.zeros_like(p)))  # [B, T]
+        out = out + weight.to(y.dtype).unsqueeze(-1) * y
+        remainder = torch.where(halt, 1 - acc, remainder)
+        acc = acc + torch.where(cont, p, torch.zeros_like(p))
+        n_updates = n_updates + running.float()
+        running = cont
+        if not bool(running.any()):
+            break
+    _record(run, layer, n_updates, remainder)
+    return out
+
+
+def _record(run: ActRun, layer: int, n_updates: torch.Tensor, remainder: torch.Tensor) -> None:
+    if run.stats is not None:
+        run.stats.add(layer, n_updates.detach())
+    if run.ponder is not None:
+        run.ponder.append((n_updates + remainder.to(n_updates.device)).mean())

@@ -1,0 +1,81 @@
+"""Cellular automata task: hand-computed orbits, the token layout, rule-disjoint splits, determinism."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from model.tasks.cellular_automata import (GEN, MASK, SEP, ca_sample, orbit, random_rule, rule_split,
+                                           sequence_length, shift_token, step)
+
+APPENDIX_RULE = "01011111100100000101111011111100"  # Beyond Memorization, appendix example
+
+
+def ones(*positions: int, width: int = 20) -> list[int]:
+    return [int(i in positions) for i in range(width)]
+
+
+def test_step_by_hand_with_the_appendix_rule():
+    # A single live cell at 10: cell 8 sees 00001 (rule[1] = 1), 9 sees 00010 (rule[2] = 0), 10 sees 00100
+    # (rule[4] = 1), 11 sees 01000 (rule[8] = 1), 12 sees 10000 (rule[16] = 0), every other 00000 (rule[0] = 0).
+    assert step(ones(10), APPENDIX_RULE) == ones(8, 10, 11)
+    # Next: 6 sees 00001 -> 1, 7: 00010 -> 0, 8: 00101 (5) -> 1, 9: 01011 (11) -> 1, 10: 10110 (22) -> 1,
+    # 11: 01100 (12) -> 0, 12: 11000 (24) -> 1, 13: 10000 (16) -> 0.
+    assert orbit(ones(10), APPENDIX_RULE, 3) == [ones(10), ones(8, 10, 11), ones(6, 8, 9, 10, 12)]
+
+
+def test_periodic_boundary():
+    # The live cell at 0 is seen by cells 18, 19 (wrapping right) and 1, 2.
+    assert step(ones(0), APPENDIX_RULE) == ones(18, 0, 1)
+
+
+def test_structured_rules():
+    identity = "".join(str((n >> 2) & 1) for n in range(32))  # output = centre cell
+    right_shift = "".join(str((n >> 3) & 1) for n in range(32))  # output = left neighbour: pattern moves right
+    state = ones(0, 3, 4, 19)
+    assert step(state, identity) == state
+    assert step(state, right_shift) == ones(1, 4, 5, 0)
+
+
+def test_step_rejects_bad_rules():
+    with pytest.raises(ValueError):
+        step(ones(1), "0101")
+    with pytest.raises(ValueError):
+        step(ones(1), "2" * 32)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_one_state_layout(k):
+    s = ca_sample(random.Random(k), "train", k=k, variant="os")
+    assert len(s.ids) == len(s.inputs) == sequence_length("os") == 231
+    given = [s.ids[21 * i + 1 : 21 * i + 21] for i in range(10)]
+    assert all(s.ids[21 * i] == SEP for i in range(10)) and s.ids[210] == GEN
+    assert orbit(given[0], s.answer, 10) == given  # the orbit really follows the sample's rule
+    assert s.answers == [list(range(211, 231))]
+    assert s.ids[211:] == orbit(given[-1], s.answer, k + 1)[-1]  # the state k steps after s9
+    assert s.inputs[211:] == [MASK] * 20 and s.inputs[:211] == s.ids[:211]  # targets never fed
+
+
+def test_all_states_and_shift_layouts():
+    oo = ca_sample(random.Random(1), "train", variant="oo")
+    assert len(oo.ids) == sequence_length("oo") == 294 and len(oo.answers) == 4
+    last_given = oo.ids[190:210]
+    for j, span in enumerate(oo.answers):
+        assert [oo.ids[p] for p in span] == orbit(last_given, oo.answer, j + 2)[-1]
+        assert all(oo.inputs[p] == MASK for p in span)
+    sh = ca_sample(random.Random(2), "train", variant="shift")
+    k = sh.ids[210] - 105
+    assert sh.ids[210] == shift_token(k) and sh.ids[211:] == orbit(sh.ids[190:210], sh.answer, k + 1)[-1]
+
+
+def test_splits_are_rule_disjoint_and_deterministic():
+    rng = random.Random(0)
+    for split in ("train", "validation", "test"):
+        assert all(rule_split(random_rule(rng, split)) == split for _ in range(50))
+    a = [ca_sample(random.Random(7), "test", 2).ids for _ in range(2)]
+    assert a[0] == a[1]
+    assert ca_sample(random.Random(7), "test", 2).ids != ca_sample(random.Random(8), "test", 2).ids
+    counts = {s: 0 for s in ("train", "validation", "test")}
+    for n in range(4000):
+        counts[rule_split(format(n * 2654435761 % 2**32, "032b"))] += 1
+    assert 100 < counts["test"] < 320 and 100 < counts["validation"] < 320  # about 5% each
