@@ -72,6 +72,8 @@ class CoreCollector:
         sched = rt.scheduler
         values = (("armt_queue_depth", "Admitted engine jobs not started yet", sched.waiting if sched else 0),
                   ("armt_running_requests", "Engine jobs in progress", sched.running if sched else 0),
+                  ("armt_queue_capacity", "Engine jobs admitted (waiting + running) before a 429: ARMT_MAX_QUEUE",
+                   rt.cfg.max_queue),
                   ("armt_sessions", "Sessions in the store (all replicas' with a shared store)",
                    _store_value(rt, "count")),
                   ("armt_state_bytes", "Bytes of all stored sessions", _store_value(rt, "total_bytes")))
