@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.core.config import CoreConfig
@@ -83,6 +83,12 @@ class Settings(BaseSettings):
             if not _KEY_ITEM.match(item):
                 raise ValueError(f"ARMT_API_KEYS items must look like KEY=TENANT, got {item.split('=')[0]!r}=...")
         return value
+
+    @model_validator(mode="after")
+    def _ttl_needs_a_shared_store(self) -> "Settings":
+        if self.store_ttl_s is not None and self.store == "disk":  # silently ignoring it would keep data forever
+            raise ValueError("ARMT_STORE_TTL_S applies to a Redis store (ARMT_STORE=redis://...), not to 'disk'")
+        return self
 
     def tenants(self) -> dict[str, str]:
         """API key -> tenant; empty when authentication is off."""

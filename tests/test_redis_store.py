@@ -155,3 +155,44 @@ def test_disk_store_keeps_the_same_version_contract(tmp_path):
         disk.save(meta(version=3), state())
     with pytest.raises(SessionNotFound):
         disk.load("a" * 32, "fp")
+
+
+def test_store_settings_are_checked():
+    from pydantic import ValidationError
+
+    from service.settings import Settings
+
+    with pytest.raises(ValidationError, match="ARMT_STORE must be 'disk' or a redis://"):
+        Settings(store="mysql://db/1")
+    with pytest.raises(ValidationError, match="ARMT_STORE_TTL_S applies to a Redis store"):
+        Settings(store_ttl_s=60)
+    assert Settings(store="redis://r:6379/2", store_ttl_s=60).to_core().store_ttl_s == 60
+
+
+def test_an_unreachable_redis_is_a_503_and_not_ready(tiny_model_dir, free_redis_url):
+    from fastapi.testclient import TestClient
+
+    from service.http.app import create_app
+    from service.settings import Settings
+
+    with TestClient(create_app(Settings(model=tiny_model_dir, store=free_redis_url))) as c:
+        for _ in range(600):
+            if c.get("/health").status_code == 200:  # the model loads; the store is not needed for that
+                break
+            time.sleep(0.05)
+        ready = c.get("/ready")
+        assert ready.status_code == 503 and "redis store unreachable" in ready.json()["problems"][0]
+        r = c.post("/v1/sessions")
+        assert r.status_code == 503 and r.json()["error"]["code"] == "store_error"
+        r = c.get(f"/v1/sessions/{'a' * 32}")
+        assert r.status_code == 503 and "redis store: cannot read" in r.json()["error"]["message"]
+        metrics = c.get("/metrics")
+        assert metrics.status_code == 200 and "armt_sessions NaN" in metrics.text
+
+
+@pytest.fixture()
+def free_redis_url() -> str:
+    """A Redis URL where nothing listens (a port just freed)."""
+    from tests.service_helpers import free_port
+
+    return f"redis://127.0.0.1:{free_port()}/0"

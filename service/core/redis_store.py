@@ -43,7 +43,7 @@ local expires = '+inf'
 if ttl > 0 then
   redis.call('PEXPIRE', KEYS[1], ttl)
   local now = redis.call('TIME')
-  expires = tostring(tonumber(now[1]) + ttl / 1000)
+  expires = tostring(tonumber(now[1]) + tonumber(now[2]) / 1000000 + ttl / 1000)
 else
   redis.call('PERSIST', KEYS[1])
 end
@@ -70,7 +70,8 @@ return old
 # sessions (their keys are gone) and returns the number of sessions left.
 _PRUNE = """
 local now = redis.call('TIME')
-local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. now[1], 'LIMIT', 0, 1000)
+local t = tonumber(now[1]) + tonumber(now[2]) / 1000000
+local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. tostring(t), 'LIMIT', 0, 1000)
 for _, id in ipairs(gone) do
   if redis.call('EXISTS', ARGV[1] .. id) == 0 then
     redis.call('ZREM', KEYS[1], id)
