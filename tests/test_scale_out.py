@@ -14,7 +14,8 @@ from tests.service_helpers import Server, document
 
 KEY = "scale-key"
 QUESTION = {"max_new_tokens": 12}
-DOC = document(4200).encode()
+DOC = document(9000).encode()
+PIECE = 1500  # long enough that both appends of a round are in the engine at once
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +70,7 @@ def test_append_through_one_replica_answer_through_the_other(clients, replicas):
 
 def piece(writer: int, k: int) -> bytes:
     """Distinct bytes per writer and round (so a late copy can never pass as an idempotent retry)."""
-    return f"[writer {writer} piece {k}] ".encode() + DOC[k * 700 : (k + 1) * 700]
+    return f"[writer {writer} piece {k}] ".encode() + DOC[k * PIECE : (k + 1) * PIECE]
 
 
 def test_concurrent_appends_through_both_replicas_one_winner_per_offset(clients, replicas):
