@@ -6,7 +6,6 @@ import threading
 import time
 
 import pytest
-import redis
 import torch
 
 from model import MemoryState
@@ -14,6 +13,7 @@ from service.core.errors import SessionNotFound, StateConflict, StoreError, Vers
 from service.core.redis_store import RedisStore
 from service.core.store import DiskStore
 from service.core.types import LastAppend, SessionMeta
+from tests.service_helpers import free_port
 
 
 def meta(session_id: str = "a" * 32, tenant: str = "t", created_at: float = 1.0, **kw) -> SessionMeta:
@@ -129,7 +129,7 @@ def test_ttl_expires_sessions_and_their_index_entries(redis_db):
     assert store.count() == 1 and store.total_bytes() == len(state().to_bytes())
 
 
-def test_foreign_states_missing_sessions_and_an_unreachable_server(store, redis_db):
+def test_foreign_states_missing_sessions_and_an_unreachable_server(store):
     store.save(meta(), state("other-model"))
     with pytest.raises(StateConflict, match="other-model"):
         store.load("a" * 32, "fp")
@@ -137,7 +137,7 @@ def test_foreign_states_missing_sessions_and_an_unreachable_server(store, redis_
         store.load("c" * 32, "fp")
     with pytest.raises(StoreError, match="bad session id"):
         store.get("../x")
-    dead = RedisStore(redis.Redis(port=1, socket_connect_timeout=0.5))
+    dead = RedisStore.from_url(f"redis://127.0.0.1:{free_port()}/0")  # nothing listens there
     assert "unreachable" in dead.check()
     with pytest.raises(StoreError, match="redis store: cannot read"):
         dead.get("a" * 32)
@@ -193,6 +193,4 @@ def test_an_unreachable_redis_is_a_503_and_not_ready(tiny_model_dir, free_redis_
 @pytest.fixture()
 def free_redis_url() -> str:
     """A Redis URL where nothing listens (a port just freed)."""
-    from tests.service_helpers import free_port
-
     return f"redis://127.0.0.1:{free_port()}/0"
