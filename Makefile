@@ -8,9 +8,10 @@ export TRANSFORMERS_OFFLINE := 1
 .PHONY: install serve test default-model
 
 # Idempotent: re-runs pip only when pyproject.toml changed since the last install.
+# The deploy extra (Ray Serve) is installed too: tests/test_ray_serve.py runs it.
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q -e '.[test]'
+	$(VENV)/bin/pip install -q -e '.[test,deploy]'
 	touch $(STAMP)
 
 install: $(STAMP)

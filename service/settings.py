@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.core.config import CoreConfig
@@ -50,6 +50,11 @@ class Settings(BaseSettings):
     # faster, but the batch composition changes float rounding (~1e-10), so digests can differ between splits.
     executor: Literal["diagonal", "sequential"] = "sequential"
     data_dir: Path = Path(".cache/armt-data")
+    # "disk": one file per session under data_dir, for one process. redis://host:port/db (or rediss://, unix://):
+    # a store shared by several replicas (service/core/redis_store.py); data_dir is then unused.
+    store: str = "disk"
+    store_ttl_s: int | None = Field(None, ge=1, description="shared store only: a session expires this many "
+                                                             "seconds after its last write; unset: never")
     api_keys: str = Field("", description="'key1=tenantA,key2=tenantB'; empty: no auth, one tenant 'default'")
     max_append_bytes: int = Field(8 * MiB, ge=1)
     append_chunk_bytes: int = Field(1 * MiB, ge=1024)
@@ -64,6 +69,13 @@ class Settings(BaseSettings):
     sse_ping_seconds: float = Field(15.0, gt=0)
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
 
+    @field_validator("store")
+    @classmethod
+    def _check_store(cls, value: str) -> str:
+        if value != "disk" and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"ARMT_STORE must be 'disk' or a redis://, rediss:// or unix:// URL, got {value!r}")
+        return value
+
     @field_validator("api_keys")
     @classmethod
     def _check_keys(cls, value: str) -> str:
@@ -71,6 +83,12 @@ class Settings(BaseSettings):
             if not _KEY_ITEM.match(item):
                 raise ValueError(f"ARMT_API_KEYS items must look like KEY=TENANT, got {item.split('=')[0]!r}=...")
         return value
+
+    @model_validator(mode="after")
+    def _ttl_needs_a_shared_store(self) -> "Settings":
+        if self.store_ttl_s is not None and self.store == "disk":  # silently ignoring it would keep data forever
+            raise ValueError("ARMT_STORE_TTL_S applies to a Redis store (ARMT_STORE=redis://...), not to 'disk'")
+        return self
 
     def tenants(self) -> dict[str, str]:
         """API key -> tenant; empty when authentication is off."""
@@ -82,7 +100,8 @@ class Settings(BaseSettings):
 
     def to_core(self) -> CoreConfig:
         return CoreConfig(
-            model_dir=self.model_dir(), data_dir=self.data_dir, device=self.device, dtype=self.dtype,
+            model_dir=self.model_dir(), data_dir=self.data_dir, store=self.store, store_ttl_s=self.store_ttl_s,
+            device=self.device, dtype=self.dtype,
             executor=self.executor, max_append_bytes=self.max_append_bytes,
             append_chunk_bytes=self.append_chunk_bytes, max_new_tokens_limit=self.max_new_tokens_limit,
             max_question_chars=self.max_question_chars, max_queue=self.max_queue,

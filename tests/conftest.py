@@ -81,3 +81,22 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from tests.service_helpers import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """One real redis-server for the run; tests take a database each through `redis_db`."""
+    from tests.service_helpers import RedisServer
+
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+_next_db = iter(range(1, 64))
+
+
+@pytest.fixture()
+def redis_db(redis_server) -> str:
+    """The URL of an empty Redis database of its own (the server has 64)."""
+    return f"{redis_server.url}/{next(_next_db)}"

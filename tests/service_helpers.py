@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -112,3 +113,39 @@ class Server:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class RedisServer:
+    """A real `redis-server` (Debian package redis-server; .ci/run installs it) on 127.0.0.1 and a free port, its
+    files in `directory`, no persistence: the shared session store of the scale-out tests."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir, self.port = Path(directory), free_port()
+        self.url = f"redis://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 20.0) -> "RedisServer":
+        exe = shutil.which("redis-server")
+        if exe is None:  # not a skip: CI installs it, and a silent skip would hide the scale-out tests
+            raise RuntimeError("redis-server not found: `apt-get install redis-server` (.ci/run does it)")
+        cmd = [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir), "--save", "",
+               "--appendonly", "no", "--databases", "64", "--logfile", str(self.dir / "redis.log")]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        import redis
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited: {(self.dir / 'redis.log').read_text()[-2000:]}")
+            try:
+                if redis.Redis(port=self.port, socket_timeout=1).ping():
+                    return self
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError("redis-server did not answer PING")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)

@@ -43,7 +43,7 @@ def test_scheduler_round_gives_every_decode_a_step_and_batches_ingests():
 
 
 def meta(session_id: str = "a" * 32, **kw) -> SessionMeta:
-    return SessionMeta(id=session_id, tenant="t", model="fp", created_at=1.0, updated_at=2.0, **kw)
+    return SessionMeta(id=session_id, tenant="t", model="fp", created_at=1.0, updated_at=2.0, **{"version": 1, **kw})
 
 
 def state(fp: str = "fp") -> MemoryState:

@@ -248,7 +248,8 @@ def test_sse_sends_ping_comments_while_a_question_waits(tiny_model_dir, tmp_path
 
 
 def test_state_of_another_model_is_409(tiny_model_dir, tmp_path):
-    foreign = SessionMeta(id="f" * 32, tenant="default", model="someone-else", created_at=1.0, updated_at=1.0)
+    foreign = SessionMeta(id="f" * 32, tenant="default", model="someone-else", created_at=1.0, updated_at=1.0,
+                          version=1)
     DiskStore(tmp_path).save(foreign, MemoryState(torch.zeros(2, 48, 32), torch.zeros(2, 48), "someone-else"))
     client = start(Settings(model=tiny_model_dir, data_dir=tmp_path))
     try:

@@ -10,6 +10,8 @@ from pathlib import Path
 class CoreConfig:
     model_dir: Path
     data_dir: Path
+    store: str  # "disk" (files under data_dir) or a Redis URL (a store shared by replicas)
+    store_ttl_s: int | None  # shared store: seconds a session lives after its last write; None: forever
     device: str
     dtype: str  # "float32" | "bfloat16" | "float16"
     executor: str  # "diagonal" | "sequential"

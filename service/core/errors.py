@@ -51,6 +51,11 @@ class OffsetConflict(ArmtServiceError):
     code = "offset_mismatch"
 
 
+class VersionConflict(OffsetConflict):
+    """A store refused a write: the session changed (or was deleted) since it was read, e.g. another replica's
+    append to the same session won the race. The session service answers it as a 409 with the current offset."""
+
+
 class StateConflict(ArmtServiceError):
     """A session's state was written by another model than the one this server runs."""
 

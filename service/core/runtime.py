@@ -14,7 +14,7 @@ from .errors import NotReady
 from .scheduler import Scheduler
 from .sessions import SessionService
 from .stats import ServiceStats
-from .store import DiskStore
+from .store import DiskStore, SessionStore
 from .worker import EngineWorker
 
 log = logging.getLogger("armt.runtime")
@@ -27,7 +27,7 @@ class Runtime:
         self.status = "starting"  # starting -> loading -> ready | failed
         self.error: str | None = None
         self.model = None
-        self.store: DiskStore | None = None
+        self.store: SessionStore | None = None
         self.scheduler: Scheduler | None = None
         self.worker: EngineWorker | None = None
         self.sessions: SessionService | None = None
@@ -48,7 +48,7 @@ class Runtime:
         try:
             start = time.perf_counter()
             model = load_model(self.cfg)
-            store = DiskStore(self.cfg.data_dir)
+            store = open_store(self.cfg)
             scheduler = Scheduler(self.cfg.max_queue, self.cfg.max_batch_sessions, self.cfg.retry_after_seconds)
             worker = EngineWorker(model, scheduler, self.stats, self.cfg.executor, self.cfg.unit_segments)
             sessions = SessionService(model, store, scheduler, self.stats, self.cfg)
@@ -60,8 +60,9 @@ class Runtime:
         self.model, self.store, self.scheduler, self.worker = model, store, scheduler, worker
         self.sessions = sessions
         self.status = "ready"
-        log.info("model %s loaded from %s in %.1fs; %d sessions in %s", model.fingerprint, self.cfg.model_dir,
-                 time.perf_counter() - start, len(sessions.index), self.cfg.data_dir)
+        where = self.cfg.data_dir if self.cfg.store == "disk" else self.cfg.store.split("@")[-1]  # no password
+        log.info("model %s loaded from %s in %.1fs; sessions in %s (%s)", model.fingerprint, self.cfg.model_dir,
+                 time.perf_counter() - start, where, store.check() or "ok")
 
     def require(self) -> SessionService:
         if self.sessions is None:
@@ -72,6 +73,15 @@ class Runtime:
     def stop(self) -> None:
         if self.worker is not None:
             self.worker.stop()
+
+
+def open_store(cfg: CoreConfig) -> SessionStore:
+    """The disk store by default; a Redis store (imported only then) for ARMT_STORE=redis://..."""
+    if cfg.store == "disk":
+        return DiskStore(cfg.data_dir)
+    from .redis_store import RedisStore
+
+    return RedisStore.from_url(cfg.store, cfg.store_ttl_s)  # connects on first use: /ready tells if it cannot
 
 
 def load_model(cfg: CoreConfig):

@@ -1,7 +1,9 @@
 """SessionService: the operations behind the API (create, list, get, delete, append, ask), on the event loop.
 
-It owns the in-memory index (session id -> metadata, rebuilt from the store at start-up), a small LRU of memory
-states, and one asyncio lock per session so that appends to one session run one at a time. Model work goes
+Lookups ask the store (the disk store answers from its own index; a shared store from the shared data, so that a
+replica sees what the others wrote). It keeps a small LRU of memory states, used only when the store's version
+of the session is the cached one, and one asyncio lock per session so that appends to one session run one at a
+time in this process; between processes the store's version check decides (the loser gets a 409). Model work goes
 through the scheduler to the engine worker thread; store I/O runs in threads. Nothing here knows about HTTP.
 """
 from __future__ import annotations
@@ -18,7 +20,7 @@ from model.text import question_text
 
 from .answers import AnswerRun
 from .config import CoreConfig
-from .errors import InvalidRequest, OffsetConflict, PayloadTooLarge, SessionNotFound
+from .errors import InvalidRequest, OffsetConflict, PayloadTooLarge, SessionNotFound, VersionConflict
 from .scheduler import IngestJob, Scheduler
 from .stats import ServiceStats
 from .store import SessionStore
@@ -35,18 +37,18 @@ class SessionService:
                  config: CoreConfig) -> None:
         self.model, self.store, self.scheduler, self.stats, self.cfg = model, store, scheduler, stats, config
         self.tokenizer = model.tokenizer
-        self.index: dict[str, SessionMeta] = {meta.id: meta for meta in store.scan()}
         self._cache: OrderedDict[str, tuple[SessionMeta, object]] = OrderedDict()
         self._locks: dict[str, asyncio.Lock] = {}
 
     # ------------------------------------------------------------------ lookups
-    def get(self, tenant: str, session_id: str) -> SessionMeta:
-        meta = self.index.get(session_id) if SESSION_ID.match(session_id) else None
+    async def get(self, tenant: str, session_id: str) -> SessionMeta:
+        """The session's newest metadata, as the store has it now."""
+        meta = await asyncio.to_thread(self.store.get, session_id) if SESSION_ID.match(session_id) else None
         if meta is None or meta.tenant != tenant:  # another tenant's session does not exist for this caller
             raise SessionNotFound(f"no session {session_id}")
         return meta
 
-    def list(self, tenant: str, limit: int, cursor: str | None) -> SessionPage:
+    async def list(self, tenant: str, limit: int, cursor: str | None) -> SessionPage:
         """Oldest first; `cursor` is the `next_cursor` of the previous page."""
         if not 1 <= limit <= 1000:
             raise InvalidRequest(f"limit must be in 1..1000, got {limit}")
@@ -56,9 +58,7 @@ class SessionService:
             if not m:
                 raise InvalidRequest("cursor is not one this server returned")
             after = (int(m.group(1)), m.group(2))
-        mine = sorted((s for s in self.index.values() if s.tenant == tenant), key=lambda s: s.sort_key)
-        if after is not None:
-            mine = [s for s in mine if s.sort_key > after]
+        mine = await asyncio.to_thread(self.store.page, tenant, after, limit + 1)
         page = mine[:limit]
         more = len(mine) > limit
         return SessionPage(page, f"{page[-1].sort_key[0]}-{page[-1].id}" if more else None)
@@ -72,11 +72,10 @@ class SessionService:
         return await self._commit(meta, state)
 
     async def delete(self, tenant: str, session_id: str) -> None:
-        self.get(tenant, session_id)
+        await self.get(tenant, session_id)
         async with self._lock(session_id):
-            self.get(tenant, session_id)  # deleted meanwhile?
+            await self.get(tenant, session_id)  # deleted meanwhile?
             await asyncio.to_thread(self.store.delete, session_id)
-            self.index.pop(session_id, None)
             self._cache.pop(session_id, None)
         self._locks.pop(session_id, None)
 
@@ -87,7 +86,7 @@ class SessionService:
         limit = self.cfg.max_append_bytes
         if declared_length is not None and declared_length > limit:
             raise PayloadTooLarge(f"append body of {declared_length} bytes is over the limit of {limit} bytes")
-        self.get(tenant, session_id)
+        await self.get(tenant, session_id)
         async with self._lock(session_id):
             meta, state = await self._snapshot(tenant, session_id)
             if offset != meta.offset:
@@ -129,7 +128,13 @@ class SessionService:
         last = LastAppend(meta.offset, n, sha.hexdigest(), state.tokens, state.segments)
         meta = meta.evolve(offset=meta.offset + n, held=text.held, partial=decoder.partial, last_append=last,
                            updated_at=time.time())
-        meta = await self._commit(meta, state)
+        try:
+            meta = await self._commit(meta, state)
+        except VersionConflict:  # another replica appended to this session meanwhile and won
+            self._cache.pop(meta.id, None)
+            now = await self.get(meta.tenant, meta.id)
+            raise OffsetConflict(f"append at offset {last.start} lost a race with a concurrent append to this "
+                                 f"session; the session's document has {now.offset} bytes", offset=now.offset) from None
         return AppendResult(meta.offset, meta.tokens, meta.segments)
 
     async def _ingest_bytes(self, state, decoder: Utf8Stream, text: ReadyText, data: bytes):
@@ -184,30 +189,37 @@ class SessionService:
         return self._locks.setdefault(session_id, asyncio.Lock())
 
     async def _snapshot(self, tenant: str, session_id: str) -> tuple[SessionMeta, object]:
-        """The session's committed (meta, state) pair: from the LRU, else read from the store (one file)."""
-        meta = self.get(tenant, session_id)
+        """The session's newest committed (meta, state) pair: from the LRU when it holds the version the store
+        has now (one metadata read), else read from the store (meta and state in one consistent read)."""
+        meta = await self.get(tenant, session_id)
         cached = self._cache.get(session_id)
-        if cached is not None and cached[0] is meta:
+        if cached is not None and cached[0].version == meta.version:
             self._cache.move_to_end(session_id)
             return cached
         start = time.perf_counter()
         pair = await asyncio.to_thread(self.store.load, session_id, self.model.fingerprint)
         with self.stats.lock:
             self.stats.store.load_seconds.observe(time.perf_counter() - start)
-        if self.index.get(session_id) is meta:  # not changed while we read
-            self._remember(session_id, (meta, pair[1]))
-            return meta, pair[1]
+        if pair[0].tenant != tenant:
+            raise SessionNotFound(f"no session {session_id}")
+        self._remember(session_id, pair)
         return pair
 
     async def _commit(self, meta: SessionMeta, state) -> SessionMeta:
-        """Store meta + state durably (in a thread), then publish them to the index and the LRU."""
+        """Store meta + state durably (in a thread) as the version after `meta`'s, then keep them in the LRU;
+        VersionConflict when the stored session is no longer the one `meta` was read from."""
         meta = meta.evolve(tokens=state.tokens, segments=state.segments, pending_tokens=len(state.pending),
-                           state_bytes=state.nbytes, state_digest=await asyncio.to_thread(state.digest))
+                           state_bytes=state.nbytes, state_digest=await asyncio.to_thread(state.digest),
+                           version=meta.version + 1)
         start = time.perf_counter()
-        await asyncio.to_thread(self.store.save, meta, state)
+        try:
+            await asyncio.to_thread(self.store.save, meta, state)
+        except VersionConflict:
+            with self.stats.lock:
+                self.stats.store.version_conflicts += 1
+            raise
         with self.stats.lock:
             self.stats.store.save_seconds.observe(time.perf_counter() - start)
-        self.index[meta.id] = meta
         self._remember(meta.id, (meta, state))
         return meta
 

@@ -59,6 +59,7 @@ class StoreStats:
 
     save_seconds: Histogram = field(default_factory=lambda: Histogram(FAST_BUCKETS))
     load_seconds: Histogram = field(default_factory=lambda: Histogram(FAST_BUCKETS))
+    version_conflicts: int = 0  # writes a shared store refused: another replica wrote the session first
 
 
 @dataclass

@@ -4,6 +4,10 @@ A session's memory state and its metadata (offset, held-back text, last append, 
 tensors plus a header whose metadata holds the session JSON. A write goes to a temporary file, is fsynced, renamed
 over the old file and the directory is fsynced, so after a crash the file is the old session or the new one, never a
 mix, and never a state that disagrees with its offset. The index is rebuilt from the file headers at start-up.
+
+The store, not the session service, answers lookups (`get`, `page`, `count`): the disk store from its own index
+(one process owns a data directory), a shared store (service/core/redis_store.py) from the shared data, so that a
+replica sees sessions that other replicas created or changed.
 """
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import json
 import logging
 import os
 import struct
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
@@ -18,7 +23,7 @@ from typing import Protocol
 from model import MemoryState, StateMismatchError
 from model.state import atomic_write, fsync_dir, header_metadata
 
-from .errors import StateConflict, StoreError
+from .errors import SessionNotFound, StateConflict, StoreError, VersionConflict
 from .types import SESSION_ID, SessionMeta
 
 log = logging.getLogger("armt.store")
@@ -26,16 +31,23 @@ SESSION_KEY = "armt_session"  # header metadata key holding the session JSON
 
 
 class SessionStore(Protocol):
-    """What the service needs from a store; a Redis or object-store backend implements the same."""
+    """What the service needs from a store (DiskStore here, RedisStore in redis_store.py)."""
 
-    def scan(self) -> Iterator[SessionMeta]:
-        """Every stored session's metadata (reads no tensors); used to rebuild the index at start-up."""
+    def get(self, session_id: str) -> SessionMeta | None:
+        """The newest metadata of a session (reads no tensors); None when there is none."""
+
+    def page(self, tenant: str, after: tuple[int, str] | None, limit: int) -> list[SessionMeta]:
+        """Up to `limit` of the tenant's sessions in `sort_key` order, those after `after` only."""
+
+    def count(self) -> int: ...
 
     def save(self, meta: SessionMeta, state: MemoryState) -> None:
-        """Durably store meta and state together (atomic: old or new, never a mix)."""
+        """Store meta and state together (atomic: old or new, never a mix), only over version `meta.version - 1`
+        (no session counts as version 0); otherwise VersionConflict and nothing is written."""
 
     def load(self, session_id: str, fingerprint: str) -> tuple[SessionMeta, MemoryState]:
-        """Meta and state as last saved; StateConflict if another model wrote the state."""
+        """Meta and state as last saved (one consistent pair); SessionNotFound when there is no such session,
+        StateConflict if another model wrote the state."""
 
     def delete(self, session_id: str) -> None: ...
 
@@ -45,8 +57,18 @@ class SessionStore(Protocol):
     def total_bytes(self) -> int: ...
 
 
+def check_version(session_id: str, stored: int, meta: SessionMeta) -> None:
+    """Optimistic concurrency: a write must say which version it replaces (its own version - 1)."""
+    if meta.version != stored + 1:
+        raise VersionConflict(f"session {session_id} is at version {stored}; a write of version {meta.version} "
+                              "lost a race with another writer")
+
+
 class DiskStore:
-    """One file per session under `root/sessions/<id>.safetensors`."""
+    """One file per session under `root/sessions/<id>.safetensors`, and an in-memory index of their metadata.
+
+    One process owns a data directory: the index is this process's view, rebuilt from the file headers here.
+    """
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
@@ -55,6 +77,20 @@ class DiskStore:
         self._sizes: dict[str, int] = {}
         for leftover in self.dir.glob(".*.tmp"):  # a write interrupted by a crash: never acknowledged
             leftover.unlink(missing_ok=True)
+        self._lock = threading.Lock()  # guards the index and the per-session write locks
+        self._writing: dict[str, threading.Lock] = {}
+        self._index: dict[str, SessionMeta] = {meta.id: meta for meta in self.scan()}
+
+    def get(self, session_id: str) -> SessionMeta | None:
+        return self._index.get(session_id)
+
+    def page(self, tenant: str, after: tuple[int, str] | None, limit: int) -> list[SessionMeta]:
+        with self._lock:
+            mine = [s for s in self._index.values() if s.tenant == tenant and (after is None or s.sort_key > after)]
+        return sorted(mine, key=lambda s: s.sort_key)[:limit]
+
+    def count(self) -> int:
+        return len(self._index)
 
     def _path(self, session_id: str) -> Path:
         if not SESSION_ID.match(session_id):  # ids are validated before; this keeps paths safe regardless
@@ -76,11 +112,18 @@ class DiskStore:
     def save(self, meta: SessionMeta, state: MemoryState) -> None:
         path = self._path(meta.id)
         data = state.to_bytes({SESSION_KEY: json.dumps(meta.to_json(), sort_keys=True)})
-        try:
-            atomic_write(path, data)
-        except OSError as e:
-            raise StoreError(f"cannot write session {meta.id}: {e.strerror or e}") from None
-        self._sizes[meta.id] = len(data)
+        with self._lock:
+            writing = self._writing.setdefault(meta.id, threading.Lock())
+        with writing:  # check, write and publish one session's version at a time; other sessions go on
+            current = self._index.get(meta.id)
+            check_version(meta.id, current.version if current else 0, meta)
+            try:
+                atomic_write(path, data)
+            except OSError as e:
+                raise StoreError(f"cannot write session {meta.id}: {e.strerror or e}") from None
+            with self._lock:
+                self._sizes[meta.id] = len(data)
+                self._index[meta.id] = meta
 
     def load(self, session_id: str, fingerprint: str) -> tuple[SessionMeta, MemoryState]:
         try:
@@ -89,6 +132,8 @@ class DiskStore:
             state = MemoryState.from_bytes(data, fingerprint=fingerprint)
         except StateMismatchError as e:
             raise StateConflict(f"session {session_id} holds a state this server's model cannot use: {e}") from None
+        except FileNotFoundError:
+            raise SessionNotFound(f"no session {session_id}") from None
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise StoreError(f"cannot read session {session_id}: {e}") from None
         return meta, state
@@ -99,7 +144,10 @@ class DiskStore:
             fsync_dir(self.dir)
         except OSError as e:
             raise StoreError(f"cannot delete session {session_id}: {e.strerror or e}") from None
-        self._sizes.pop(session_id, None)
+        with self._lock:
+            self._sizes.pop(session_id, None)
+            self._index.pop(session_id, None)
+            self._writing.pop(session_id, None)
 
     def check(self) -> str | None:
         if not self.dir.is_dir():
@@ -109,7 +157,8 @@ class DiskStore:
         return None
 
     def total_bytes(self) -> int:
-        return sum(self._sizes.values())
+        with self._lock:
+            return sum(self._sizes.values())
 
 
 def _read_header(path: Path) -> bytes:

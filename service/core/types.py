@@ -40,6 +40,9 @@ class SessionMeta:
     state_bytes: int = 0
     state_digest: str = ""
     last_append: LastAppend | None = None
+    # Bumped by every write. A store writes only over version - 1 (optimistic concurrency): with several replicas
+    # on one shared store, the append that lost a race is refused instead of overwriting the winner.
+    version: int = 0
 
     def to_json(self) -> dict:
         d = asdict(self)

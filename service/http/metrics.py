@@ -11,6 +11,7 @@ from importlib.metadata import PackageNotFoundError, version
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
+from service.core.errors import StoreError
 from service.core.runtime import Runtime
 from service.core.stats import REQUEST_BUCKETS
 from service.core.stats import Histogram as CoreHistogram
@@ -56,7 +57,9 @@ class CoreCollector:
                              store.load_seconds)
             counters = (("armt_ingest_tokens", "Tokens ingested into session memories", eng.ingest_tokens),
                         ("armt_ingest_segments", "Segments written into session memories", eng.ingest_segments),
-                        ("armt_generated_tokens", "Answer tokens decoded", eng.generated_tokens))
+                        ("armt_generated_tokens", "Answer tokens decoded", eng.generated_tokens),
+                        ("armt_store_version_conflicts", "Session writes refused because another replica wrote "
+                         "the session first (answered 409)", store.version_conflicts))
         for name, doc, value in counters:
             yield CounterMetricFamily(name, doc, value=value)
         fail = CounterMetricFamily("armt_failures", "Failed requests and jobs by reason (error code)",
@@ -67,12 +70,14 @@ class CoreCollector:
         yield from self._gauges(rt)
 
     def _gauges(self, rt: Runtime):
-        sched, sessions = rt.scheduler, rt.sessions
+        sched = rt.scheduler
         values = (("armt_queue_depth", "Admitted engine jobs not started yet", sched.waiting if sched else 0),
                   ("armt_running_requests", "Engine jobs in progress", sched.running if sched else 0),
-                  ("armt_sessions", "Sessions in the store", len(sessions.index) if sessions else 0),
-                  ("armt_state_bytes", "Bytes of all stored session files", rt.store.total_bytes() if rt.store
-                   else 0))
+                  ("armt_queue_capacity", "Engine jobs admitted (waiting + running) before a 429: ARMT_MAX_QUEUE",
+                   rt.cfg.max_queue),
+                  ("armt_sessions", "Sessions in the store (all replicas' with a shared store)",
+                   _store_value(rt, "count")),
+                  ("armt_state_bytes", "Bytes of all stored sessions", _store_value(rt, "total_bytes")))
         for name, doc, value in values:
             yield GaugeMetricFamily(name, doc, value=value)
         labels = {**self.labels, "model": rt.model.fingerprint if rt.model is not None else "", "status": rt.status}
@@ -80,6 +85,16 @@ class CoreCollector:
                                  labels=list(labels))
         info.add_metric(list(labels.values()), 1)
         yield info
+
+
+def _store_value(rt: Runtime, method: str) -> float:
+    """A store-wide number; NaN when the store cannot answer (a scrape never fails for it), 0 before loading."""
+    if rt.store is None:
+        return 0
+    try:
+        return getattr(rt.store, method)()
+    except StoreError:
+        return float("nan")
 
 
 class HttpMetrics:

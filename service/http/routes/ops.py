@@ -1,6 +1,8 @@
 """Operations endpoints, open without an API key: /health (liveness + model loaded), /ready, /metrics."""
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -21,12 +23,12 @@ async def health(request: Request) -> JSONResponse:
 
 @router.get("/ready")
 async def ready(request: Request) -> JSONResponse:
-    """Like /health, and the session store must be usable (data directory present and writable)."""
+    """Like /health, and the session store must be usable (data directory writable, or Redis answering)."""
     rt = request.app.state.runtime
     problems = []
     if rt.status != "ready" or rt.worker is None or not rt.worker.alive:
         problems.append(f"model {rt.status}")
-    elif (why := rt.store.check()) is not None:
+    elif (why := await asyncio.to_thread(rt.store.check)) is not None:
         problems.append(why)
     body = {"status": "ready" if not problems else "not_ready", "problems": problems}
     return JSONResponse(body, status_code=200 if not problems else 503)
@@ -34,4 +36,6 @@ async def ready(request: Request) -> JSONResponse:
 
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
-    return Response(generate_latest(request.app.state.registry), media_type=CONTENT_TYPE_LATEST)
+    # In a thread: with a shared store the session gauges are read from it over the network.
+    body = await asyncio.to_thread(generate_latest, request.app.state.registry)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)

@@ -26,13 +26,13 @@ async def create_session(tenant: Tenant, svc: Sessions) -> SessionOut:
 async def list_sessions(tenant: Tenant, svc: Sessions, limit: Annotated[int, Query(ge=1, le=1000)] = 100,
                         cursor: Annotated[str | None, Query(max_length=80)] = None) -> SessionList:
     """The caller's sessions, oldest first, `limit` per page; follow `next_cursor`."""
-    page = svc.list(tenant, limit, cursor)
+    page = await svc.list(tenant, limit, cursor)
     return SessionList(sessions=[SessionOut.of(m) for m in page.sessions], next_cursor=page.next_cursor)
 
 
 @router.get("/{session_id}", response_model=SessionOut, responses=ERRORS)
 async def get_session(tenant: Tenant, svc: Sessions, session_id: SessionId) -> SessionOut:
-    return SessionOut.of(svc.get(tenant, session_id))
+    return SessionOut.of(await svc.get(tenant, session_id))
 
 
 @router.delete("/{session_id}", status_code=204, responses=ERRORS)
