@@ -76,7 +76,7 @@ def test_sse_stream_as_a_client_reads_it(client, server):
     events = list(client.ask_stream(sid, "Summarise.", **QUESTION))
     assert [e["event"] for e in events][-1] == "done" and {e["event"] for e in events[:-1]} == {"token"}
     assert "".join(e["text"] for e in events[:-1]) == answer["answer"]
-    assert {k: events[-1][k] for k in ("answer", "finish_reason", "usage")} == answer
+    assert {k: events[-1][k] for k in ("answer", "finish_reason", "usage", "mean_hops")} == answer
     with httpx.stream("POST", f"{server.url}/v1/sessions/{sid}/ask", headers={"Authorization": f"Bearer {KEY}"},
                       json={"question": "Summarise.", "stream": True, **QUESTION}) as r:
         raw = list(r.iter_lines())
