@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.core.config import CoreConfig
@@ -62,6 +62,10 @@ class Settings(BaseSettings):
     retry_after_seconds: int = Field(1, ge=0)
     state_cache_size: int = Field(64, ge=0)
     sse_ping_seconds: float = Field(15.0, gt=0)
+    # HTTP request limits (service/http/limits.py): a JSON body's size, and the longest wait for the next piece
+    # of any request body before a 408 (a stalled upload must not hold a request open forever).
+    max_json_bytes: int = Field(1 * MiB, ge=1024)
+    body_timeout_seconds: float = Field(30.0, gt=0)
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
 
     @field_validator("api_keys")
@@ -71,6 +75,13 @@ class Settings(BaseSettings):
             if not _KEY_ITEM.match(item):
                 raise ValueError(f"ARMT_API_KEYS items must look like KEY=TENANT, got {item.split('=')[0]!r}=...")
         return value
+
+    @model_validator(mode="after")
+    def _check_limits(self) -> "Settings":
+        if self.default_max_new_tokens > self.max_new_tokens_limit:
+            raise ValueError(f"ARMT_DEFAULT_MAX_NEW_TOKENS ({self.default_max_new_tokens}) is over "
+                             f"ARMT_MAX_NEW_TOKENS_LIMIT ({self.max_new_tokens_limit})")
+        return self
 
     def tenants(self) -> dict[str, str]:
         """API key -> tenant; empty when authentication is off."""

@@ -5,7 +5,7 @@ import pytest
 from fastapi.routing import APIRoute
 
 from service.http.app import create_app
-from service.http.deps import current_tenant
+from service.http.deps import current_tenant, known_query_only
 from service.settings import Settings
 from tests.test_service_http import start
 
@@ -27,12 +27,13 @@ def dependency_calls(dependant):
         yield from dependency_calls(dep)
 
 
-def test_every_v1_route_requires_the_tenant_dependency(tmp_path):
+@pytest.mark.parametrize("dependency", [current_tenant, known_query_only])
+def test_every_v1_route_requires_auth_and_known_query_parameters(tmp_path, dependency):
     routes = list(api_routes(create_app(Settings(data_dir=tmp_path)).routes))
     v1 = [r for r in routes if r.path.startswith("/v1")]
     assert len(v1) >= 8
-    missing = [f"{sorted(r.methods)} {r.path}" for r in v1 if current_tenant not in set(dependency_calls(r.dependant))]
-    assert not missing, f"/v1 routes without auth: {missing}"
+    missing = [f"{sorted(r.methods)} {r.path}" for r in v1 if dependency not in set(dependency_calls(r.dependant))]
+    assert not missing, f"/v1 routes without {dependency.__name__}: {missing}"
 
 
 @pytest.fixture(scope="module")

@@ -23,9 +23,11 @@ from .scheduler import IngestJob, Scheduler
 from .stats import ServiceStats
 from .store import SessionStore
 from .textstream import ReadyText, Utf8Stream
-from .types import SESSION_ID, AnswerDone, AppendResult, AskParams, LastAppend, SessionMeta, SessionPage, TextDelta
+from .types import (NON_BLANK, SESSION_ID, AnswerDone, AppendResult, AskParams, LastAppend, SessionMeta, SessionPage,
+                    TextDelta)
 
-CURSOR = re.compile(r"^(\d{1,20})-([0-9a-f]{32})$")
+CURSOR_PATTERN = r"^([0-9]{1,20})-([0-9a-f]{32})$"  # a next_cursor: created_at in microseconds, id
+CURSOR = re.compile(CURSOR_PATTERN)
 
 
 class SessionService:
@@ -159,7 +161,7 @@ class SessionService:
         return run.events()
 
     def _check_params(self, p: AskParams) -> None:
-        if not p.question.strip():
+        if not re.search(NON_BLANK, p.question):
             raise InvalidRequest("question is empty")
         if len(p.question) > self.cfg.max_question_chars:
             raise InvalidRequest(f"question is {len(p.question)} characters; the limit is "
