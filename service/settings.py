@@ -66,6 +66,9 @@ class Settings(BaseSettings):
     # of any request body before a 408 (a stalled upload must not hold a request open forever).
     max_json_bytes: int = Field(1 * MiB, ge=1024)
     body_timeout_seconds: float = Field(30.0, gt=0)
+    # Test-only fault injection (tests/test_crash_consistency.py, bench/crash_harness.py): the disk store sleeps this
+    # long between writing a session's temporary file and renaming it, so a SIGKILL can land inside a state write.
+    fault_delay_save_s: float = Field(0.0, ge=0)
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
 
     @field_validator("api_keys")
@@ -99,4 +102,5 @@ class Settings(BaseSettings):
             max_question_chars=self.max_question_chars, max_queue=self.max_queue,
             max_batch_sessions=self.max_batch_sessions, unit_segments=self.ingest_unit_segments,
             retry_after_seconds=float(self.retry_after_seconds), state_cache_size=self.state_cache_size,
+            fault_delay_save_s=self.fault_delay_save_s,
         )

@@ -73,6 +73,19 @@ def test_disk_store_refuses_another_models_state(tmp_path):
         store.load("a" * 32, "fp")
 
 
+def test_disk_store_refuses_a_damaged_state(tmp_path):
+    """A state whose bytes no longer match the digest recorded at commit (bit rot, a torn copy) is a StoreError
+    (503), never served: the crash harness reads states through questions and counts such answers as corrupt."""
+    store, s = DiskStore(tmp_path), state()
+    store.save(meta(state_digest=s.digest()), s)
+    path = tmp_path / "sessions" / f"{'a' * 32}.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0x01  # one bit of the last tensor (`pending`), the header still parses
+    path.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="does not match its digest"):
+        store.load("a" * 32, "fp")
+
+
 def test_disk_store_never_builds_paths_from_bad_ids(tmp_path):
     with pytest.raises(StoreError, match="bad session id"):
         DiskStore(tmp_path).load("../../etc/passwd", "fp")

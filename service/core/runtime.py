@@ -48,7 +48,7 @@ class Runtime:
         try:
             start = time.perf_counter()
             model = load_model(self.cfg)
-            store = DiskStore(self.cfg.data_dir)
+            store = DiskStore(self.cfg.data_dir, fault_delay_save_s=self.cfg.fault_delay_save_s)
             scheduler = Scheduler(self.cfg.max_queue, self.cfg.max_batch_sessions, self.cfg.retry_after_seconds)
             worker = EngineWorker(model, scheduler, self.stats, self.cfg.executor, self.cfg.unit_segments)
             sessions = SessionService(model, store, scheduler, self.stats, self.cfg)

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
@@ -46,10 +47,15 @@ class SessionStore(Protocol):
 
 
 class DiskStore:
-    """One file per session under `root/sessions/<id>.safetensors`."""
+    """One file per session under `root/sessions/<id>.safetensors`.
 
-    def __init__(self, root: Path) -> None:
+    `fault_delay_save_s` (ARMT_FAULT_DELAY_SAVE_S, tests only) sleeps between a write's temporary file and its
+    rename, so that a crash test can kill the server inside a state write (it waits for the `.tmp` file).
+    """
+
+    def __init__(self, root: Path, fault_delay_save_s: float = 0.0) -> None:
         self.root = Path(root)
+        self._before_replace = (lambda: time.sleep(fault_delay_save_s)) if fault_delay_save_s > 0 else None
         self.dir = self.root / "sessions"
         self.dir.mkdir(parents=True, exist_ok=True)
         self._sizes: dict[str, int] = {}
@@ -77,7 +83,7 @@ class DiskStore:
         path = self._path(meta.id)
         data = state.to_bytes({SESSION_KEY: json.dumps(meta.to_json(), sort_keys=True)})
         try:
-            atomic_write(path, data)
+            atomic_write(path, data, self._before_replace)
         except OSError as e:
             raise StoreError(f"cannot write session {meta.id}: {e.strerror or e}") from None
         self._sizes[meta.id] = len(data)
@@ -91,6 +97,8 @@ class DiskStore:
             raise StateConflict(f"session {session_id} holds a state this server's model cannot use: {e}") from None
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise StoreError(f"cannot read session {session_id}: {e}") from None
+        if meta.state_digest and state.digest() != meta.state_digest:  # damaged on disk: never serve it
+            raise StoreError(f"session {session_id}: the stored state does not match its digest")
         return meta, state
 
     def delete(self, session_id: str) -> None:
