@@ -68,6 +68,7 @@ class Tally:
     committed_answer_lost: int = 0  # in flight at the kill, stored, answer never sent: allowed
     not_committed: int = 0  # in flight at the kill, not stored: allowed
     retries: int = 0
+    unexpected_answers: int = 0  # a non-200 to an append that should have worked
     completed_documents: int = 0
     problems: list[str] = field(default_factory=list)
 
@@ -108,12 +109,12 @@ class CrashHarness:
 
     async def _create_uploads(self, kills: int) -> None:
         size = kills * self.max_chunk // 2 + 2000  # long enough that uploads are still running at the last kill
-        text = document(size * self.sessions).encode()
+        text = document(size * self.sessions)  # cut into documents by characters, into appends by bytes
         async with self._client(self.server) as http, self._client(self.reference) as ref:
             for k in range(self.sessions):
                 sid = (await http.post("/v1/sessions")).json()["id"]
                 rid = (await ref.post("/v1/sessions")).json()["id"]
-                self.uploads.append(Upload(sid, rid, text[k * size : (k + 1) * size]))
+                self.uploads.append(Upload(sid, rid, text[k * size : (k + 1) * size].encode()))
 
     @staticmethod
     def _client(server: Server) -> httpx.AsyncClient:
@@ -171,8 +172,8 @@ class CrashHarness:
         r = await http.post(f"/v1/sessions/{up.sid}/append", params={"offset": start}, content=up.data[start:end],
                             headers=TEXT)
         if r.status_code != 200 or r.json()["offset"] != end:
-            self.tally.problems.append(f"append {up.sid} {start}..{end}: {r.status_code} {r.text[:200]}")
-            return
+            return self.tally.problem("unexpected_answers", f"append {up.sid} {start}..{end}: {r.status_code} "
+                                                             f"{r.text[:200]}")
         up.acked, up.inflight = end, None
 
     async def _ask(self, http: httpx.AsyncClient, first_token: asyncio.Event) -> None:
@@ -226,8 +227,10 @@ class CrashHarness:
         self.tally.retries += 1
         got = (await http.get(f"/v1/sessions/{up.sid}")).json()
         up.acked = got.get("offset", up.acked)
-        if r.status_code != 200 or r.json()["offset"] != end:
-            self.tally.problem("duplicates", f"retry {up.sid} {start}..{end}: {r.status_code} {r.text[:200]}")
+        if r.status_code == 200 and r.json()["offset"] != end:
+            self.tally.problem("duplicates", f"retry {up.sid} {start}..{end}: answered offset {r.json()['offset']}")
+        elif r.status_code != 200:
+            self.tally.problem("unexpected_answers", f"retry {up.sid} {start}..{end}: {r.status_code} {r.text[:200]}")
         elif await self._differs(ref, up, got):
             self.tally.problem("duplicates", f"{up.sid}: after the retry of {start}..{end} the state differs")
 
@@ -287,6 +290,7 @@ def summary(report: dict) -> str:
             f"{report['lost_acknowledged']} lost acknowledged appends, {report['duplicates']} duplicates; "
             f"in flight at a kill: {report['committed_answer_lost']} stored without an answer, "
             f"{report['not_committed']} not stored, {report['retries']} retried; "
+            f"{report['unexpected_answers']} unexpected answers; "
             f"{report['completed_documents']}/{report['sessions']} uploads resumed to completion; "
             f"{report['seconds']} s")
 

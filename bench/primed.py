@@ -1,11 +1,12 @@
-"""A server restarted in ~1 s instead of ~5: its next process is started ahead and primed.
+"""A server restarted in about a second instead of several: its next process is started ahead and primed.
 
 Killing and restarting `armt serve` a hundred times is the crash harness's job, and most of a start is importing
 torch, transformers and the service (seconds on 2 busy cores), none of which touches the data directory or the
 port. `PrimedServer` therefore starts the next processes while the current one still serves (two, so each has two
-kill points' time): they import those modules, then block on their stdin. `start()` releases it, and only then does it run the real `armt serve` (same
-command line, same environment), which loads the model, rebuilds the session index from the data directory and
-binds the port. What a restart after a crash does is unchanged; only the imports happened earlier.
+kill points' time): they import those modules, then block on their stdin. `start()` releases the oldest, and only
+then does it run the real `armt serve` (same command line, same environment), which loads the model, rebuilds the
+session index from the data directory and binds the port. What a restart after a crash does is unchanged; only the
+imports happened earlier.
 
     python -m bench.primed serve --port P --model M    # what PrimedServer runs: waits for a line, then `armt ...`
 """

@@ -16,6 +16,7 @@ def test_sigkill_at_21_moments_loses_corrupts_and_duplicates_nothing(tiny_model_
     print(summary(report))
     assert report["problems"] == [], report["problems"]
     assert report["corrupt"] == report["lost_acknowledged"] == report["duplicates"] == 0
+    assert report["unexpected_answers"] == 0
     assert report["kills_by_mode"] == {"append": 7, "save": 7, "ask": 7}
     assert report["inside_state_write"] == 7  # each save kill found the temporary file: the write was cut off
     assert report["session_checks"] == KILLS * 3
