@@ -74,9 +74,10 @@ class Settings(BaseSettings):
     @field_validator("api_keys")
     @classmethod
     def _check_keys(cls, value: str) -> str:
-        for item in filter(None, (part.strip() for part in value.split(","))):
-            if not _KEY_ITEM.match(item):
-                raise ValueError(f"ARMT_API_KEYS items must look like KEY=TENANT, got {item.split('=')[0]!r}=...")
+        for number, item in enumerate(filter(None, (part.strip() for part in value.split(","))), 1):
+            if not _KEY_ITEM.match(item):  # the message must not quote the item: it holds a secret
+                raise ValueError(f"ARMT_API_KEYS item {number} is not KEY=TENANT (a key without spaces, commas or "
+                                 "'='; a tenant of letters, digits, '_', '.', '-')")
         return value
 
     @model_validator(mode="after")
