@@ -42,6 +42,18 @@ def test_scheduler_round_gives_every_decode_a_step_and_batches_ingests():
     assert Scheduler().next_work(timeout=0.01) is None
 
 
+def test_scheduler_check_room_refuses_without_submitting_and_new_questions_go_first():
+    s = Scheduler(max_queue=2)
+    old, new = gen_job(), gen_job()
+    s.submit(old)
+    s.check_room()  # room for one more: no error, nothing submitted
+    old.started = True
+    s.submit(new)
+    with pytest.raises(Overloaded):
+        s.check_room()
+    assert s.next_work(timeout=0).decodes == [new, old]  # the first token of a question before others' next
+
+
 def meta(session_id: str = "a" * 32, **kw) -> SessionMeta:
     return SessionMeta(id=session_id, tenant="t", model="fp", created_at=1.0, updated_at=2.0, **kw)
 

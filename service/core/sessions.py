@@ -112,6 +112,7 @@ class SessionService:
         return AppendResult(meta.offset, last.tokens, last.segments)
 
     async def _ingest_body(self, meta: SessionMeta, state, body: AsyncIterable[bytes]) -> AppendResult:
+        self.scheduler.check_room()  # before reading the body (a retry, answered from the metadata, needs none)
         decoder, text = Utf8Stream(meta.partial, meta.offset), ReadyText(meta.held)
         sha, n, buf = hashlib.sha256(), 0, bytearray()
         async for chunk in body:
@@ -151,6 +152,7 @@ class SessionService:
     async def ask(self, tenant: str, session_id: str, params: AskParams) -> AsyncIterator[TextDelta | AnswerDone]:
         """Submit a question; returns its event stream. Overload and lookup errors raise here, before any event."""
         self._check_params(params)
+        self.scheduler.check_room()
         meta, state = await self._snapshot(tenant, session_id)
         # The question follows the document's last word after one space, as in the training data: trailing
         # whitespace of the document (a final newline, say) is not part of the prompt.
