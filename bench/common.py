@@ -7,12 +7,16 @@ keeps the scripts independent of the session store in use.
 """
 from __future__ import annotations
 
+import argparse
+import asyncio
 import json
 import math
 import os
 import sys
-from collections.abc import AsyncIterator
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from urllib.parse import urlsplit
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `python bench/x.py` as well as `python -m bench.x`
@@ -21,7 +25,7 @@ if str(REPO) not in sys.path:  # `python bench/x.py` as well as `python -m bench
 from tests.service_helpers import Server, build_tiny_model, document  # noqa: E402
 
 __all__ = ["Server", "document", "resolve_model", "parse_env", "aiter_sse", "percentiles", "proc_sample",
-           "write_json"]
+           "write_json", "add_server_options", "run_against_server"]
 
 
 def resolve_model(spec: str, work: Path) -> Path:
@@ -46,6 +50,28 @@ def parse_env(items: list[str] | None) -> dict[str, str]:
             raise SystemExit(f"--env takes KEY=VALUE, got {item!r}")
         env[key] = value
     return env
+
+
+def add_server_options(parser: argparse.ArgumentParser, out: str) -> None:
+    """The options of scripts that run against a server: one they start (`--model`, `--env`) or a running one."""
+    parser.add_argument("--model", default="default", help="tiny | default | a model directory (a server is started)")
+    parser.add_argument("--url", help="a running server on this machine instead (loopback only)")
+    parser.add_argument("--pid", type=int, help="with --url: the server's process id (sampled from /proc)")
+    parser.add_argument("--env", action="append", help="KEY=VALUE for the started server (repeatable)")
+    parser.add_argument("--out", type=Path, default=Path(out), help="JSON report")
+
+
+def run_against_server(args: argparse.Namespace, run: Callable[[str, int | None], Awaitable[dict]]) -> dict:
+    """`run(url, pid)` against `--url` (loopback only), else against a server started for it on a temporary data
+    directory with `--model` and `--env`."""
+    if args.url:
+        host = urlsplit(args.url).hostname
+        if host not in ("127.0.0.1", "::1", "localhost"):
+            raise SystemExit(f"--url must be a loopback address, got {host!r}")
+        return asyncio.run(run(args.url.rstrip("/"), args.pid))
+    with tempfile.TemporaryDirectory(prefix="armt-bench-") as tmp:
+        with Server(resolve_model(args.model, Path(tmp)), Path(tmp) / "data", **parse_env(args.env)) as srv:
+            return asyncio.run(run(srv.url, srv.proc.pid))
 
 
 async def aiter_sse(response) -> AsyncIterator[tuple[str | None, str]]:
