@@ -205,7 +205,9 @@ async def saturation(http, work: Workload, args) -> tuple[float, list[dict]]:
 
 
 async def run(url: str, args) -> dict:
-    limits = httpx.Limits(max_connections=2000, max_keepalive_connections=200)
+    # idle connections expire before uvicorn's keep-alive timeout (5 s): a request sent on a connection the server
+    # is closing at that moment would fail without reaching it
+    limits = httpx.Limits(max_connections=2000, max_keepalive_connections=200, keepalive_expiry=2.0)
     async with httpx.AsyncClient(base_url=url, timeout=args.request_timeout, limits=limits) as http:
         append_data = document(args.append_bytes).encode()[: args.append_bytes]  # may end inside a character
         work = Workload(await prepare(http, args.sessions, args.doc_chars), args.ask_fraction,
