@@ -52,7 +52,10 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     """Pick the next token from logits [V]."""
     if params.temperature == 0:
         return greedy(logits)
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    # float64 and shifted by the max: a tiny temperature (even 5e-324, which is 0 in float32) then sends the other
+    # logits to -inf and the top one stays 0, never 0/0 or inf - inf = nan.
+    logits = logits.double()
+    probs = torch.softmax((logits - logits.max()) / params.temperature, dim=-1)
     probs = top_p_filter(probs, params.top_p)
     return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
 

@@ -35,12 +35,17 @@ def serve(host: str = typer.Option(None, help="default ARMT_HOST or 127.0.0.1"),
                                                 "else .cache/demo-model)")) -> None:
     """Run the HTTP service (uvicorn); every other setting comes from ARMT_* variables (see README)."""
     import uvicorn
+    from pydantic import ValidationError
 
     from service.http.app import create_app
     from service.settings import DEMO_MODEL_DIR, Settings
 
     overrides = {k: v for k, v in {"host": host, "port": port, "model": model}.items() if v is not None}
-    settings = Settings(**overrides)
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as e:  # a configuration mistake: its message, not a traceback (inputs are hidden)
+        typer.echo(f"error: invalid settings: {e}", err=True)
+        raise typer.Exit(2) from None
     if settings.model_dir() == DEMO_MODEL_DIR:
         ensure_demo_model(DEMO_MODEL_DIR)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)

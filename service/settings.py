@@ -67,6 +67,13 @@ class Settings(BaseSettings):
     retry_after_seconds: int = Field(1, ge=0)
     state_cache_size: int = Field(64, ge=0)
     sse_ping_seconds: float = Field(15.0, gt=0)
+    # HTTP request limits (service/http/limits.py): a JSON body's size, and the longest wait for the next piece
+    # of any request body before a 408 (a stalled upload must not hold a request open forever).
+    max_json_bytes: int = Field(1 * MiB, ge=1024)
+    body_timeout_seconds: float = Field(30.0, gt=0)
+    # Test-only fault injection (tests/test_crash_consistency.py, bench/crash_harness.py): the disk store sleeps this
+    # long between writing a session's temporary file and renaming it, so a SIGKILL can land inside a state write.
+    fault_delay_save_s: float = Field(0.0, ge=0)
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
 
     @field_validator("store")
@@ -79,15 +86,19 @@ class Settings(BaseSettings):
     @field_validator("api_keys")
     @classmethod
     def _check_keys(cls, value: str) -> str:
-        for item in filter(None, (part.strip() for part in value.split(","))):
-            if not _KEY_ITEM.match(item):
-                raise ValueError(f"ARMT_API_KEYS items must look like KEY=TENANT, got {item.split('=')[0]!r}=...")
+        for number, item in enumerate(filter(None, (part.strip() for part in value.split(","))), 1):
+            if not _KEY_ITEM.match(item):  # the message must not quote the item: it holds a secret
+                raise ValueError(f"ARMT_API_KEYS item {number} is not KEY=TENANT (a key without spaces, commas or "
+                                 "'='; a tenant of letters, digits, '_', '.', '-')")
         return value
 
     @model_validator(mode="after")
-    def _ttl_needs_a_shared_store(self) -> "Settings":
+    def _check_limits(self) -> "Settings":
         if self.store_ttl_s is not None and self.store == "disk":  # silently ignoring it would keep data forever
             raise ValueError("ARMT_STORE_TTL_S applies to a Redis store (ARMT_STORE=redis://...), not to 'disk'")
+        if self.default_max_new_tokens > self.max_new_tokens_limit:
+            raise ValueError(f"ARMT_DEFAULT_MAX_NEW_TOKENS ({self.default_max_new_tokens}) is over "
+                             f"ARMT_MAX_NEW_TOKENS_LIMIT ({self.max_new_tokens_limit})")
         return self
 
     def tenants(self) -> dict[str, str]:
@@ -107,4 +118,5 @@ class Settings(BaseSettings):
             max_question_chars=self.max_question_chars, max_queue=self.max_queue,
             max_batch_sessions=self.max_batch_sessions, unit_segments=self.ingest_unit_segments,
             retry_after_seconds=float(self.retry_after_seconds), state_cache_size=self.state_cache_size,
+            fault_delay_save_s=self.fault_delay_save_s,
         )

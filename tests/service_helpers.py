@@ -78,9 +78,15 @@ class Server:
     def log_tail(self) -> str:
         return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
 
-    def start(self, timeout: float = 60.0) -> "Server":
+    def spawn(self, **popen) -> subprocess.Popen:
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(self.cmd, cwd=REPO, env=self.env, stdout=log, stderr=log)
+            return subprocess.Popen(self.cmd, cwd=REPO, env=self.env, stdout=log, stderr=log, **popen)
+
+    def start(self, timeout: float = 60.0) -> "Server":
+        self.proc = self.spawn()
+        return self.wait_healthy(timeout)
+
+    def wait_healthy(self, timeout: float) -> "Server":
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

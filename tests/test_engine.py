@@ -146,3 +146,13 @@ def test_top_p_keeps_the_nucleus():
     assert_close(top_p_filter(probs, 0.1), torch.tensor([0.5, 0.0, 0.0, 0.0]))
     logits = torch.tensor([0.0, 5.0, 1.0])
     assert sample(logits, SamplingParams(temperature=0.0), None) == 1
+
+
+@pytest.mark.parametrize("temperature", [5e-324, 1e-300, 1e-45, 1e308])
+def test_extreme_temperatures_sample_without_nan(temperature):
+    """A temperature that is 0 in float32 (5e-324, schema-valid: `temperature >= 0`) gave nan probabilities and a
+    crash in multinomial, a 500; tiny ones now pick the top token, huge ones sample almost uniformly."""
+    logits = torch.tensor([0.0, 5.0, 1.0, -2.0])
+    generator = torch.Generator().manual_seed(0)
+    token = sample(logits, SamplingParams(temperature=temperature, top_p=0.5), generator)
+    assert token == 1 if temperature < 1 else 0 <= token < 4

@@ -5,7 +5,7 @@ import pytest
 from fastapi.routing import APIRoute
 
 from service.http.app import create_app
-from service.http.deps import current_tenant
+from service.http.deps import current_tenant, known_query_only
 from service.settings import Settings
 from tests.test_service_http import start
 
@@ -27,12 +27,13 @@ def dependency_calls(dependant):
         yield from dependency_calls(dep)
 
 
-def test_every_v1_route_requires_the_tenant_dependency(tmp_path):
+@pytest.mark.parametrize("dependency", [current_tenant, known_query_only])
+def test_every_v1_route_requires_auth_and_known_query_parameters(tmp_path, dependency):
     routes = list(api_routes(create_app(Settings(data_dir=tmp_path)).routes))
     v1 = [r for r in routes if r.path.startswith("/v1")]
     assert len(v1) >= 8
-    missing = [f"{sorted(r.methods)} {r.path}" for r in v1 if current_tenant not in set(dependency_calls(r.dependant))]
-    assert not missing, f"/v1 routes without auth: {missing}"
+    missing = [f"{sorted(r.methods)} {r.path}" for r in v1 if dependency not in set(dependency_calls(r.dependant))]
+    assert not missing, f"/v1 routes without {dependency.__name__}: {missing}"
 
 
 @pytest.fixture(scope="module")
@@ -64,17 +65,53 @@ def test_ops_routes_stay_open(c):
     assert c.get("/metrics").status_code == 200
 
 
-def test_sessions_are_visible_only_to_their_tenant(c):
+# Every /v1 route: those that name a session, with a request that passes validation (so that only the tenant check
+# can refuse it), and those that do not. A new /v1 route fails test_every_v1_route_is_classified until added here.
+NAMING = {
+    ("GET", "/v1/sessions/{session_id}"): {},
+    ("POST", "/v1/sessions/{session_id}/append"): {"params": {"offset": 0}, "content": b"hello world ",
+                                                   "headers": {"Content-Type": "text/plain; charset=utf-8"}},
+    ("POST", "/v1/sessions/{session_id}/ask"): {"json": {"question": "q", "max_new_tokens": 2}},
+    ("POST", "/v1/chat/completions"): {"json": {"session_id": "{session_id}", "max_tokens": 2,
+                                                "messages": [{"role": "user", "content": "q"}]}},
+    ("DELETE", "/v1/sessions/{session_id}"): {},
+}
+NOT_NAMING = {("POST", "/v1/sessions"), ("GET", "/v1/sessions"), ("GET", "/v1/models")}
+
+
+def test_every_v1_route_is_classified(tmp_path):
+    routes = {(m, r.path) for r in api_routes(create_app(Settings(data_dir=tmp_path)).routes)
+              if r.path.startswith("/v1") for m in r.methods}
+    assert routes == set(NAMING) | NOT_NAMING
+
+
+def another_tenants_requests(c, sid: str, headers: dict) -> list[int]:
+    """Every session-naming route called on `sid` with `headers`; their status codes."""
+    statuses = []
+    for (method, path), kwargs in NAMING.items():
+        kwargs = dict(kwargs)
+        if "json" in kwargs:
+            kwargs["json"] = {k: (sid if v == "{session_id}" else v) for k, v in kwargs["json"].items()}
+        kwargs["headers"] = {**kwargs.get("headers", {}), **headers}
+        statuses.append(c.request(method, path.replace("{session_id}", sid), **kwargs).status_code)
+    return statuses
+
+
+def test_sessions_are_visible_only_to_their_tenant_also_after_a_restart(tiny_model_dir, tmp_path):
+    """B gets 404 on every route naming A's session (B's append repeats A's last append: as a retry it would be
+    answered with A's counts), sees none of A's sessions, and changes nothing; the same after a restart that
+    rebuilds the index from the disk store. A's own requests on the same routes all succeed."""
+    settings = Settings(model=tiny_model_dir, data_dir=tmp_path, api_keys=KEYS)
+    c = start(settings)
     sid = c.post("/v1/sessions", headers=A).json()["id"]
-    assert c.get(f"/v1/sessions/{sid}", headers=A).status_code == 200
-    for method, path in (("GET", ""), ("DELETE", ""), ("POST", "/append?offset=0"), ("POST", "/ask")):
-        r = c.request(method, f"/v1/sessions/{sid}{path}", headers={**B, "Content-Type": "text/plain"},
-                      content=b"hello" if "append" in path else b'{"question": "q"}' if "ask" in path else None)
-        if "ask" in path:
-            r = c.post(f"/v1/sessions/{sid}/ask", headers=B, json={"question": "q"})
-        assert r.status_code == 404, (method, path, r.text)
-    body = {"session_id": sid, "messages": [{"role": "user", "content": "q"}]}
-    assert c.post("/v1/chat/completions", headers=B, json=body).status_code == 404
-    assert sid in [s["id"] for s in c.get("/v1/sessions", headers=A).json()["sessions"]]
-    assert sid not in [s["id"] for s in c.get("/v1/sessions", headers=B).json()["sessions"]]
-    assert c.get(f"/v1/sessions/{sid}", headers=A).json()["offset"] == 0  # B's append did nothing
+    assert c.post(f"/v1/sessions/{sid}/append", params={"offset": 0}, content=b"hello world ", headers=A).is_success
+    before = c.get(f"/v1/sessions/{sid}", headers=A).json()
+    for restarted in (False, True):
+        if restarted:
+            c.__exit__(None, None, None)
+            c = start(settings)
+        assert another_tenants_requests(c, sid, B) == [404] * len(NAMING), restarted
+        assert [s["id"] for s in c.get("/v1/sessions", headers=B).json()["sessions"]] == []
+        assert c.get(f"/v1/sessions/{sid}", headers=A).json() == before
+    assert another_tenants_requests(c, sid, A) == [200, 200, 200, 200, 204]  # the append: a retry of A's own
+    c.__exit__(None, None, None)

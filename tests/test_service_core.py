@@ -42,6 +42,18 @@ def test_scheduler_round_gives_every_decode_a_step_and_batches_ingests():
     assert Scheduler().next_work(timeout=0.01) is None
 
 
+def test_scheduler_check_room_refuses_without_submitting_and_new_questions_go_first():
+    s = Scheduler(max_queue=2)
+    old, new = gen_job(), gen_job()
+    s.submit(old)
+    s.check_room()  # room for one more: no error, nothing submitted
+    old.started = True
+    s.submit(new)
+    with pytest.raises(Overloaded):
+        s.check_room()
+    assert s.next_work(timeout=0).decodes == [new, old]  # the first token of a question before others' next
+
+
 def meta(session_id: str = "a" * 32, **kw) -> SessionMeta:
     return SessionMeta(id=session_id, tenant="t", model="fp", created_at=1.0, updated_at=2.0, **{"version": 1, **kw})
 
@@ -70,6 +82,19 @@ def test_disk_store_refuses_another_models_state(tmp_path):
     store = DiskStore(tmp_path)
     store.save(meta(), state("other-model"))
     with pytest.raises(StateConflict, match="other-model"):
+        store.load("a" * 32, "fp")
+
+
+def test_disk_store_refuses_a_damaged_state(tmp_path):
+    """A state whose bytes no longer match the digest recorded at commit (bit rot, a torn copy) is a StoreError
+    (503), never served: the crash harness reads states through questions and counts such answers as corrupt."""
+    store, s = DiskStore(tmp_path), state()
+    store.save(meta(state_digest=s.digest()), s)
+    path = tmp_path / "sessions" / f"{'a' * 32}.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0x01  # one bit of the last tensor (`pending`), the header still parses
+    path.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="does not match its digest"):
         store.load("a" * 32, "fp")
 
 

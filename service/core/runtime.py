@@ -78,7 +78,7 @@ class Runtime:
 def open_store(cfg: CoreConfig) -> SessionStore:
     """The disk store by default; a Redis store (imported only then) for ARMT_STORE=redis://..."""
     if cfg.store == "disk":
-        return DiskStore(cfg.data_dir)
+        return DiskStore(cfg.data_dir, fault_delay_save_s=cfg.fault_delay_save_s)
     from .redis_store import RedisStore
 
     return RedisStore.from_url(cfg.store, cfg.store_ttl_s)  # connects on first use: /ready tells if it cannot

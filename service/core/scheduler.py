@@ -4,9 +4,10 @@ Two kinds of job: an `IngestJob` (token ids to write into one session's memory) 
 decoded token by token). The HTTP layer submits through `SessionService`; a full scheduler refuses at once
 (`Overloaded` -> 429 + Retry-After) instead of letting requests queue without bound.
 
-Policy (`next_work`): every running decode gets one step per round, then the ingest jobs (up to `max_batch`
-sessions, oldest first) advance by one bounded unit together. So a question's first token waits for at most one
-ingest unit, never for another client's whole book, and concurrent appends share one diagonal pipeline.
+Policy (`next_work`): every running decode gets one step per round (questions that have no token yet first),
+then the ingest jobs (up to `max_batch` sessions, oldest first) advance by one bounded unit together. So a
+question's first token waits for at most one ingest unit, never for another client's whole book, and concurrent
+appends share one diagonal pipeline.
 """
 from __future__ import annotations
 
@@ -79,13 +80,22 @@ class Scheduler:
 
     def submit(self, job: IngestJob | GenerateJob) -> None:
         with self._cv:
-            if self._closed:
-                raise Overloaded("the engine is shutting down", self.retry_after)
-            if len(self._ingests) + len(self._decodes) >= self.max_queue:
-                raise Overloaded(f"the engine queue is full ({self.max_queue} requests); retry later",
-                                 self.retry_after)
+            self._check_room()
             (self._ingests if isinstance(job, IngestJob) else self._decodes).append(job)
             self._cv.notify_all()
+
+    def check_room(self) -> None:
+        """Overloaded now if a job would be refused, so that a request fails fast, before it reads its body,
+        loads a state or tokenizes: under overload the refusals must stay cheap, or they take the CPU (and the
+        GIL) from the engine. `submit` checks again (the room can be gone in between)."""
+        with self._cv:
+            self._check_room()
+
+    def _check_room(self) -> None:
+        if self._closed:
+            raise Overloaded("the engine is shutting down", self.retry_after)
+        if len(self._ingests) + len(self._decodes) >= self.max_queue:
+            raise Overloaded(f"the engine queue is full ({self.max_queue} requests); retry later", self.retry_after)
 
     def next_work(self, timeout: float) -> Work | None:
         """The next round for the worker, or None after `timeout` seconds with nothing to do."""
@@ -94,7 +104,8 @@ class Scheduler:
                 self._cv.wait(timeout)
             if not (self._ingests or self._decodes) or self._closed:
                 return None
-            return Work(list(self._decodes), self._ingests[: self.max_batch])
+            # questions not started yet first: their first token (prefill) goes before the next token of others
+            return Work(sorted(self._decodes, key=lambda job: job.started), self._ingests[: self.max_batch])
 
     def finish(self, job: IngestJob | GenerateJob) -> None:
         with self._cv:

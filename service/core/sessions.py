@@ -25,11 +25,13 @@ from .scheduler import IngestJob, Scheduler
 from .stats import ServiceStats
 from .store import SessionStore
 from .textstream import ReadyText, Utf8Stream
-from .types import SESSION_ID, AnswerDone, AppendResult, AskParams, LastAppend, SessionMeta, SessionPage, TextDelta
+from .types import (NON_BLANK, SESSION_ID, AnswerDone, AppendResult, AskParams, LastAppend, SessionMeta, SessionPage,
+                    TextDelta)
+
+CURSOR_PATTERN = r"^([0-9]{1,20})-([0-9a-f]{32})$"  # a next_cursor: created_at in microseconds, id
+CURSOR = re.compile(CURSOR_PATTERN)
 
 MAX_HOP_LIMIT = 64  # ACT: the most hops per layer a request may ask for (compute grows linearly with it)
-
-CURSOR = re.compile(r"^(\d{1,20})-([0-9a-f]{32})$")
 
 
 class SessionService:
@@ -111,6 +113,7 @@ class SessionService:
         return AppendResult(meta.offset, last.tokens, last.segments)
 
     async def _ingest_body(self, meta: SessionMeta, state, body: AsyncIterable[bytes]) -> AppendResult:
+        self.scheduler.check_room()  # before reading the body (a retry, answered from the metadata, needs none)
         decoder, text = Utf8Stream(meta.partial, meta.offset), ReadyText(meta.held)
         sha, n, buf = hashlib.sha256(), 0, bytearray()
         async for chunk in body:
@@ -156,6 +159,7 @@ class SessionService:
     async def ask(self, tenant: str, session_id: str, params: AskParams) -> AsyncIterator[TextDelta | AnswerDone]:
         """Submit a question; returns its event stream. Overload and lookup errors raise here, before any event."""
         self._check_params(params)
+        self.scheduler.check_room()
         meta, state = await self._snapshot(tenant, session_id)
         # The question follows the document's last word after one space, as in the training data: trailing
         # whitespace of the document (a final newline, say) is not part of the prompt.
@@ -166,7 +170,7 @@ class SessionService:
         return run.events()
 
     def _check_params(self, p: AskParams) -> None:
-        if not p.question.strip():
+        if not re.search(NON_BLANK, p.question):
             raise InvalidRequest("question is empty")
         if len(p.question) > self.cfg.max_question_chars:
             raise InvalidRequest(f"question is {len(p.question)} characters; the limit is "

@@ -16,6 +16,7 @@ import logging
 import os
 import struct
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
@@ -68,10 +69,14 @@ class DiskStore:
     """One file per session under `root/sessions/<id>.safetensors`, and an in-memory index of their metadata.
 
     One process owns a data directory: the index is this process's view, rebuilt from the file headers here.
+
+    `fault_delay_save_s` (ARMT_FAULT_DELAY_SAVE_S, tests only) sleeps between a write's temporary file and its
+    rename, so that a crash test can kill the server inside a state write (it waits for the `.tmp` file).
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, fault_delay_save_s: float = 0.0) -> None:
         self.root = Path(root)
+        self._before_replace = (lambda: time.sleep(fault_delay_save_s)) if fault_delay_save_s > 0 else None
         self.dir = self.root / "sessions"
         self.dir.mkdir(parents=True, exist_ok=True)
         self._sizes: dict[str, int] = {}
@@ -118,7 +123,7 @@ class DiskStore:
             current = self._index.get(meta.id)
             check_version(meta.id, current.version if current else 0, meta)
             try:
-                atomic_write(path, data)
+                atomic_write(path, data, self._before_replace)
             except OSError as e:
                 raise StoreError(f"cannot write session {meta.id}: {e.strerror or e}") from None
             with self._lock:
@@ -136,6 +141,8 @@ class DiskStore:
             raise SessionNotFound(f"no session {session_id}") from None
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise StoreError(f"cannot read session {session_id}: {e}") from None
+        if meta.state_digest and state.digest() != meta.state_digest:  # damaged on disk: never serve it
+            raise StoreError(f"session {session_id}: the stored state does not match its digest")
         return meta, state
 
     def delete(self, session_id: str) -> None:

@@ -5,6 +5,9 @@ import re
 from dataclasses import asdict, dataclass, replace
 
 SESSION_ID = re.compile(r"^[0-9a-f]{32}$")  # 128 random bits, hex; the only form ever used in a file name
+# A question must hold something besides ASCII whitespace. Written as a character class, not `\S`, so that Python,
+# pydantic (Rust) and JSON Schema (ECMA) regexes agree on it: the OpenAPI schema states the same rule.
+NON_BLANK = r"[^\t\n\v\f\r ]"
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from service.core.runtime import Runtime
-from service.http import errors
+from service.http import errors, openapi
+from service.http.limits import BodyLimits
 from service.http.metrics import HttpMetrics, build_registry, package_version
 from service.http.routes import ask, openai, ops, sessions
 from service.settings import Settings
@@ -39,7 +40,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     for module in (sessions, ask, openai, ops):
         app.include_router(module.router)
+    app.add_middleware(BodyLimits, max_json_bytes=settings.max_json_bytes, body_timeout=settings.body_timeout_seconds)
     app.add_middleware(HttpMetrics, registry=app.state.registry)
+    openapi.install(app, settings)
     logging.getLogger("armt").setLevel(settings.log_level.upper())
     return app
 

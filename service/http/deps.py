@@ -8,13 +8,16 @@ import hmac
 from typing import Annotated
 
 from fastapi import Depends, Path, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from service.core.errors import Unauthorized
+from service.core.errors import InvalidRequest, Unauthorized
 from service.core.runtime import Runtime
 from service.core.sessions import SessionService
 from service.settings import Settings
 
 OPEN_TENANT = "default"  # everyone's tenant when ARMT_API_KEYS is empty
+# Declares the bearer scheme in the OpenAPI document; the 401 itself is ours (auto_error=False), in our error body.
+BEARER = HTTPBearer(auto_error=False, description="an API key of ARMT_API_KEYS (when set)")
 
 
 def get_settings(request: Request) -> Settings:
@@ -25,14 +28,14 @@ def get_runtime(request: Request) -> Runtime:
     return request.app.state.runtime
 
 
-def current_tenant(request: Request) -> str:
+def current_tenant(request: Request,
+                   credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]) -> str:
     """The tenant of the bearer key; 401 (with WWW-Authenticate) when keys are configured and none matches."""
     keys: dict[str, str] = request.app.state.tenants
     if not keys:
         return OPEN_TENANT
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    token = token.strip()
-    if scheme.lower() != "bearer" or not token:
+    token = credentials.credentials.strip() if credentials is not None else ""
+    if not token:
         raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
     tenant = None
     for key, owner in keys.items():  # compare with every key, in constant time per key
@@ -43,11 +46,29 @@ def current_tenant(request: Request) -> str:
     return tenant
 
 
+def known_query_only(request: Request) -> None:
+    """422 for a query parameter the route does not take: a misspelt `?limt=5` must not be silently ignored.
+    A dependency of every /v1 router (V1_CHECKS); tests/test_service_auth.py checks that each /v1 route has it."""
+    route = request.scope.get("route")
+    if route is None or not request.query_params:
+        return
+    unknown = set(request.query_params) - set(_query_names(route.dependant))
+    if unknown:
+        raise InvalidRequest(f"unknown query parameter(s): {', '.join(sorted(unknown))[:200]}")
+
+
+def _query_names(dependant):
+    yield from (param.alias for param in dependant.query_params)
+    for dep in dependant.dependencies:
+        yield from _query_names(dep)
+
+
 def session_service(request: Request) -> SessionService:
     """503 while the model loads."""
     return get_runtime(request).require()
 
 
+V1_CHECKS = [Depends(known_query_only)]  # the `dependencies=` of every /v1 router
 Tenant = Annotated[str, Depends(current_tenant)]
 Sessions = Annotated[SessionService, Depends(session_service)]
 SessionId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$", description="32 lowercase hex digits",

@@ -33,7 +33,7 @@ STATUS: dict[type[e.ArmtServiceError], int] = {
     e.StoreError: 503,
 }
 _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
-               413: "payload_too_large", 415: "unsupported_media_type"}
+               408: "request_timeout", 413: "payload_too_large", 415: "unsupported_media_type"}
 
 
 def status_of(exc: e.ArmtServiceError) -> int:

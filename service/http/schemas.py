@@ -2,11 +2,33 @@
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from service.core.types import AnswerDone, AppendResult, SessionMeta
+from service.core.types import NON_BLANK, AnswerDone, AppendResult, SessionMeta
+
+# Stop strings are searched for after every decoded token: at most 16 of at most 1000 characters (empty: ignored).
+StopText = Annotated[str, Field(max_length=1000)]
+Stop = Annotated[list[StopText], Field(max_length=16)] | StopText | None
+STOP = Field(None, description="stop when the answer contains one (trimmed); up to 16")
+
+
+def _json_number(value):
+    if isinstance(value, (bool, str)):
+        raise ValueError("must be a JSON number")
+    return value
+
+
+# Request bodies are strict (model_config below): JSON `true` is not the integer 1 and "5" is not 5, as in their
+# JSON Schema. Integers alone are lax, because JSON Schema's integer includes 5.0; booleans and strings stay out.
+def json_int(**constraints):
+    return Annotated[int, Field(strict=False, **constraints), BeforeValidator(_json_number)]
+
+
+TokenLimit = json_int(ge=1)  # the upper bound is ARMT_MAX_NEW_TOKENS_LIMIT, written into the schema by openapi.py
+Seed = json_int(ge=-(2**63), le=2**64 - 1)  # the range of torch.Generator.manual_seed
+HopLimit = json_int(ge=1, le=64)  # ACT models: service.core.sessions.MAX_HOP_LIMIT
 
 
 def _iso(ts: float) -> str:
@@ -58,17 +80,18 @@ class AppendOut(BaseModel):
 
 
 class AskIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    question: str = Field(min_length=1, max_length=1_000_000)
-    max_new_tokens: int | None = Field(None, ge=1, description="1..ARMT_MAX_NEW_TOKENS_LIMIT; "
-                                                               "default ARMT_DEFAULT_MAX_NEW_TOKENS")
+    question: str = Field(min_length=1, max_length=1_000_000, pattern=NON_BLANK,
+                          description="not blank; at most ARMT_MAX_QUESTION_CHARS characters")
+    max_new_tokens: TokenLimit | None = Field(None, description="1..ARMT_MAX_NEW_TOKENS_LIMIT; "
+                                                                "default ARMT_DEFAULT_MAX_NEW_TOKENS")
     temperature: float = Field(0.0, ge=0, allow_inf_nan=False, description="0 = greedy")
     top_p: float = Field(1.0, gt=0, le=1)
-    stop: list[str] | str | None = Field(None, description="stop when the answer contains one (trimmed)")
+    stop: Stop = STOP
     stream: bool = False
-    seed: int | None = None
-    max_hop: int | None = Field(None, ge=1, le=64, description="models trained with adaptive computation time "
+    seed: Seed | None = None
+    max_hop: HopLimit | None = Field(None, description="models trained with adaptive computation time "
                                 "only: most hops per layer for this answer (the inference-time compute knob)")
 
 
@@ -89,42 +112,53 @@ class AskOut(BaseModel):
                    usage=UsageOut(prompt_tokens=d.prompt_tokens, completion_tokens=d.completion_tokens))
 
 
+class ContentPart(BaseModel):
+    """An OpenAI content part; only `text` parts carry the question, others (images, ...) are ignored."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    type: str
+    text: str | None = None
+
+
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     role: str
-    content: str | list[dict] | None = None
+    content: str | list[ContentPart] | None = None
 
     def text(self) -> str:
-        if isinstance(self.content, list):  # OpenAI content parts: keep the text ones
-            return "".join(p.get("text", "") for p in self.content if p.get("type") == "text")
+        if isinstance(self.content, list):
+            return "".join(p.text or "" for p in self.content if p.type == "text")
         return self.content or ""
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     include_usage: bool = False
 
 
 class ChatIn(BaseModel):
     """OpenAI chat.completions request; the session comes in `session_id` (extra_body in OpenAI clients)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     session_id: str = Field(pattern=r"^[0-9a-f]{32}$")
     messages: list[ChatMessage] = Field(min_length=1)
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: TokenLimit | None = None
+    max_completion_tokens: TokenLimit | None = None
     temperature: float = Field(0.0, ge=0, allow_inf_nan=False)
     top_p: float = Field(1.0, gt=0, le=1)
-    stop: list[str] | str | None = None
+    stop: Stop = STOP
     stream: bool = False
     stream_options: StreamOptions | None = None
-    seed: int | None = None
-    n: int = Field(1, ge=1, le=1)
+    seed: Seed | None = None
+    n: json_int(ge=1, le=1) = 1
 
 
-def stop_tuple(stop: list[str] | str | None) -> tuple[str, ...]:
+def stop_tuple(stop: Stop) -> tuple[str, ...]:
     if stop is None:
         return ()
     return (stop,) if isinstance(stop, str) else tuple(stop)

@@ -16,12 +16,13 @@ from sse_starlette import EventSourceResponse
 
 from service.core.answers import collect
 from service.core.types import AnswerDone, AskParams, TextDelta
-from service.http.deps import SessionId, Sessions, Tenant, get_settings
+from service.http.deps import V1_CHECKS, SessionId, Sessions, Tenant, get_settings
 from service.http.errors import error_event
-from service.http.schemas import AskIn, AskOut, ErrorBody, stop_tuple
+from service.http.openapi import JSON_BODY, V1, error_responses
+from service.http.schemas import AskIn, AskOut, stop_tuple
 from service.settings import Settings
 
-router = APIRouter(prefix="/v1/sessions", tags=["ask"])
+router = APIRouter(prefix="/v1/sessions", tags=["ask"], dependencies=V1_CHECKS)
 
 
 def ask_params(body: AskIn, settings: Settings) -> AskParams:
@@ -32,7 +33,7 @@ def ask_params(body: AskIn, settings: Settings) -> AskParams:
 
 @router.post(
     "/{session_id}/ask", response_model=AskOut,
-    responses={**{c: {"model": ErrorBody} for c in (401, 404, 409, 422, 429, 503)},
+    responses={**error_responses(*V1, *JSON_BODY, 404, 409, 429),
                200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE when stream is true"}},
 )
 async def ask(body: AskIn, tenant: Tenant, svc: Sessions, session_id: SessionId,

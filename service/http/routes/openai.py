@@ -17,15 +17,16 @@ from sse_starlette import EventSourceResponse
 from service.core.answers import collect
 from service.core.errors import InvalidRequest
 from service.core.types import AnswerDone, AskParams, TextDelta
-from service.http.deps import Sessions, Tenant, get_settings
+from service.http.deps import V1_CHECKS, Sessions, Tenant, get_settings
 from service.http.errors import error_event
-from service.http.schemas import ChatIn, ErrorBody, stop_tuple
+from service.http.openapi import JSON_BODY, V1, error_responses
+from service.http.schemas import ChatIn, stop_tuple
 from service.settings import Settings
 
-router = APIRouter(prefix="/v1", tags=["openai"])
+router = APIRouter(prefix="/v1", tags=["openai"], dependencies=V1_CHECKS)
 
 
-@router.get("/models")
+@router.get("/models", responses=error_responses(401))
 async def list_models(request: Request, tenant: Tenant) -> dict:
     """The one model this server runs (OpenAI `models.list` shape)."""
     return {"object": "list", "data": [{"id": _model_id(request), "object": "model", "created": 0,
@@ -46,7 +47,9 @@ def _params(body: ChatIn, settings: Settings) -> AskParams:
                      temperature=body.temperature, top_p=body.top_p, stop=stop_tuple(body.stop), seed=body.seed)
 
 
-@router.post("/chat/completions", responses={c: {"model": ErrorBody} for c in (401, 404, 409, 422, 429, 503)})
+@router.post("/chat/completions", responses={
+    **error_responses(*V1, *JSON_BODY, 404, 409, 429),
+    200: {"content": {"text/event-stream": {}}, "description": "chat.completion, or chunks (SSE) when stream is true"}})
 async def chat_completions(request: Request, body: ChatIn, tenant: Tenant, svc: Sessions,
                            settings: Settings = Depends(get_settings)):
     events = await svc.ask(tenant, body.session_id, _params(body, settings))

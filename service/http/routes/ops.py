@@ -6,11 +6,26 @@ import asyncio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
 
 router = APIRouter(tags=["ops"])
 
 
-@router.get("/health")
+class HealthOut(BaseModel):
+    status: str
+    error: str | None = None
+
+
+class ReadyOut(BaseModel):
+    status: str
+    problems: list[str]
+
+
+def _both(model: type[BaseModel]) -> dict:
+    return {200: {"model": model}, 503: {"model": model, "description": "Not (yet) able to serve"}}
+
+
+@router.get("/health", responses=_both(HealthOut))
 async def health(request: Request) -> JSONResponse:
     """200 once the model is loaded and the engine runs; 503 while loading (or when loading failed)."""
     rt = request.app.state.runtime
@@ -21,7 +36,7 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=200 if alive else 503)
 
 
-@router.get("/ready")
+@router.get("/ready", responses=_both(ReadyOut))
 async def ready(request: Request) -> JSONResponse:
     """Like /health, and the session store must be usable (data directory writable, or Redis answering)."""
     rt = request.app.state.runtime
@@ -34,7 +49,8 @@ async def ready(request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=200 if not problems else 503)
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=Response,
+            responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus"}})
 async def metrics(request: Request) -> Response:
     # In a thread: with a shared store the session gauges are read from it over the network.
     body = await asyncio.to_thread(generate_latest, request.app.state.registry)

@@ -8,23 +8,27 @@ from fastapi import APIRouter, Query, Request, Response
 from starlette.requests import ClientDisconnect
 
 from service.core.errors import Cancelled, InvalidRequest, UnsupportedMediaType
-from service.http.deps import SessionId, Sessions, Tenant
-from service.http.schemas import AppendOut, ErrorBody, SessionList, SessionOut
+from service.core.sessions import CURSOR_PATTERN
+from service.http.deps import V1_CHECKS, SessionId, Sessions, Tenant
+from service.http.openapi import V1, error_responses
+from service.http.schemas import AppendOut, SessionList, SessionOut
 
-router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
-ERRORS = {code: {"model": ErrorBody} for code in (401, 404, 422, 503)}
+router = APIRouter(prefix="/v1/sessions", tags=["sessions"], dependencies=V1_CHECKS)
+ERRORS = error_responses(*V1, 404)  # routes naming a session
 MAX_OFFSET = 2**63 - 1
 
 
-@router.post("", status_code=201, response_model=SessionOut, responses=ERRORS)
+@router.post("", status_code=201, response_model=SessionOut, responses=error_responses(401, 503))
 async def create_session(tenant: Tenant, svc: Sessions) -> SessionOut:
     """A new, empty session (memory state written to the store before the 201)."""
     return SessionOut.of(await svc.create(tenant))
 
 
-@router.get("", response_model=SessionList, responses=ERRORS)
+@router.get("", response_model=SessionList, responses=error_responses(*V1))
 async def list_sessions(tenant: Tenant, svc: Sessions, limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-                        cursor: Annotated[str | None, Query(max_length=80)] = None) -> SessionList:
+                        cursor: Annotated[str | None, Query(pattern=CURSOR_PATTERN,
+                                                            description="a next_cursor of this server")] = None
+                        ) -> SessionList:
     """The caller's sessions, oldest first, `limit` per page; follow `next_cursor`."""
     page = await svc.list(tenant, limit, cursor)
     return SessionList(sessions=[SessionOut.of(m) for m in page.sessions], next_cursor=page.next_cursor)
@@ -43,7 +47,7 @@ async def delete_session(tenant: Tenant, svc: Sessions, session_id: SessionId) -
 
 @router.post(
     "/{session_id}/append", response_model=AppendOut,
-    responses={**ERRORS, **{c: {"model": ErrorBody} for c in (400, 409, 413, 415, 429)}},
+    responses=error_responses(*V1, 400, 404, 408, 409, 413, 415, 429),
     openapi_extra={"requestBody": {"required": True, "content": {"text/plain": {"schema": {"type": "string"}}}}},
 )
 async def append(request: Request, tenant: Tenant, svc: Sessions, session_id: SessionId,

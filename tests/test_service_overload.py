@@ -1,0 +1,85 @@
+"""Overload against a real `armt serve` with a small engine queue (ARMT_MAX_QUEUE=2): a burst of concurrent
+questions and appends gets exactly two admissions at a time and a 429 with Retry-After and the error body for every
+other request, nothing else (no 5xx, no dropped connection); an append refused for overload is refused before its
+body is read. Properties only: the timing figures come from bench/loadgen.py."""
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+
+import httpx
+import pytest
+
+from tests.service_helpers import Server
+
+BURST = 30
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, tmp_path_factory):
+    srv = Server(tiny_model_dir, tmp_path_factory.mktemp("overload-data"), ARMT_MAX_QUEUE="2",
+                 ARMT_RETRY_AFTER_SECONDS="3", ARMT_MAX_NEW_TOKENS_LIMIT="4000").start()
+    yield srv
+    srv.stop()
+    assert "Traceback" not in srv.log.read_text(errors="replace"), srv.log_tail()
+
+
+async def hold(http: httpx.AsyncClient, sid: str, started: asyncio.Event, release: asyncio.Event) -> int:
+    """A long streamed question that occupies a queue slot until `release`."""
+    body = {"question": "Go on.", "stream": True, "max_new_tokens": 4000}
+    async with http.stream("POST", f"/v1/sessions/{sid}/ask", json=body) as r:
+        started.set()
+        await release.wait()
+        return r.status_code
+
+
+async def while_full(url: str, sid: str, work) -> tuple[list[int], object]:
+    """`await work(http)` while two long questions fill the queue; (the two questions' statuses, its result)."""
+    async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+        release, holders = asyncio.Event(), []
+        for _ in range(2):
+            started = asyncio.Event()
+            holders.append(asyncio.create_task(hold(http, sid, started, release)))
+            await started.wait()
+        result = await work(http)
+        release.set()
+        return list(await asyncio.gather(*holders)), result
+
+
+async def burst(http: httpx.AsyncClient, sid: str) -> list[httpx.Response]:
+    asks = [http.post(f"/v1/sessions/{sid}/ask", json={"question": "q", "max_new_tokens": 2}) for _ in range(BURST)]
+    appends = [http.post(f"/v1/sessions/{s}/append", params={"offset": 0}, content=b"more words ")
+               for s in [(await http.post("/v1/sessions")).json()["id"] for _ in range(5)]]
+    return list(await asyncio.gather(*asks, *appends))
+
+
+def test_every_excess_request_gets_429_with_retry_after(server):
+    sid = httpx.post(f"{server.url}/v1/sessions").json()["id"]
+    assert httpx.post(f"{server.url}/v1/sessions/{sid}/append?offset=0", content=b"Mary went home. ").is_success
+    held, answers = asyncio.run(while_full(server.url, sid, lambda http: burst(http, sid)))
+    assert held == [200, 200]
+    assert [r.status_code for r in answers] == [429] * len(answers)
+    for r in answers:
+        assert r.headers["retry-after"] == "3" and r.json()["error"]["code"] == "overloaded"
+    assert httpx.post(f"{server.url}/v1/sessions/{sid}/ask", json={"question": "q", "max_new_tokens": 2},
+                      timeout=60).status_code == 200  # slots are free again
+
+
+def test_an_append_refused_for_overload_is_refused_before_its_body(server):
+    """The 429 comes from the headers alone: a client that announced a megabyte and sent nothing gets it."""
+    sid = httpx.post(f"{server.url}/v1/sessions").json()["id"]
+    held, (status, body) = asyncio.run(while_full(
+        server.url, sid, lambda http: asyncio.to_thread(headers_only_append, server.port, sid)))
+    assert held == [200, 200]
+    assert status == 429 and json.loads(body)["error"]["code"] == "overloaded"
+
+
+def headers_only_append(port: int, sid: str) -> tuple[int, bytes]:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:  # a timeout fails the test
+        s.sendall(f"POST /v1/sessions/{sid}/append?offset=0 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                  f"Content-Type: text/plain; charset=utf-8\r\nContent-Length: 1048576\r\n\r\n".encode())
+        data = b""
+        while chunk := s.recv(65536):  # the server closes after its answer
+            data += chunk
+    return int(data.split(b" ", 2)[1]), data.split(b"\r\n\r\n", 1)[1]
