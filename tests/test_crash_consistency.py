@@ -8,17 +8,17 @@ import asyncio
 
 from bench.crash_harness import run, summary
 
-KILLS = 21
+KILLS, SESSIONS = 21, 2
 
 
 def test_sigkill_at_21_moments_loses_corrupts_and_duplicates_nothing(tiny_model_dir, tmp_path):
-    report = asyncio.run(run(tiny_model_dir, tmp_path, kills=KILLS, sessions=3, seed=7))
+    report = asyncio.run(run(tiny_model_dir, tmp_path, kills=KILLS, sessions=SESSIONS, seed=7, save_delay=0.05))
     print(summary(report))
     assert report["problems"] == [], report["problems"]
     assert report["corrupt"] == report["lost_acknowledged"] == report["duplicates"] == 0
     assert report["unexpected_answers"] == 0
     assert report["kills_by_mode"] == {"append": 7, "save": 7, "ask": 7}
     assert report["inside_state_write"] == 7  # each save kill found the temporary file: the write was cut off
-    assert report["session_checks"] == KILLS * 3
+    assert report["session_checks"] == KILLS * SESSIONS
     assert report["retries"] >= 7 and report["retries"] == report["committed_answer_lost"] + report["not_committed"]
-    assert report["completed_documents"] == 3
+    assert report["completed_documents"] == SESSIONS
