@@ -45,22 +45,15 @@ def train(
     """Curriculum training with back-propagation through the memory (sequential order); see model/training."""
     import torch
 
-    from model import ArmtConfig
     from model.tasks import Codec
-    from model.training import TrainConfig, Trainer, default_tokenizer, load_for_training, new_model, write_log
-    from model.training.reasoning import new_ca_model
+    from model.training import TrainConfig, Trainer, write_log
 
     torch.manual_seed(seed)
-    if task == "ca":
-        model = new_ca_model(arch, layers, hidden, heads, ffn, num_mem_tokens, d_mem, act, max_hop, act_fixed,
-                             ca_variant, seed)
+    if task == "ca":  # one fixed-length stage, no auxiliary batches, no name-binding probe
         stages, aux_batch_size, copy_batch_size, probe_weight = "1", 0, 0, 0.0
-    elif init is not None:
-        armt = ArmtConfig(num_mem_tokens=num_mem_tokens, d_mem=d_mem, segment_size=segment_size, armt_version=2)
-        model = load_for_training(init, armt)
-    else:
-        model = new_model(default_tokenizer(vocab), layers, hidden, heads, ffn, num_mem_tokens, d_mem,
-                          segment_size, seed, act=act, max_hop=max_hop, act_fixed=act_fixed)
+    model = _training_model(task, init, arch, ca_variant, vocab, seed,
+                            dict(layers=layers, hidden=hidden, heads=heads, ffn=ffn, num_mem_tokens=num_mem_tokens,
+                                 d_mem=d_mem, act=act, max_hop=max_hop, act_fixed=act_fixed), segment_size)
     model = model.to(device=device, dtype=torch.bfloat16 if bf16 else torch.float32)
     cfg = TrainConfig(task=task, stages=tuple(int(s) for s in stages.split(",")), batch_size=batch_size,
                       aux_batch_size=aux_batch_size, copy_batch_size=copy_batch_size, probe_layer=probe_layer,
@@ -75,6 +68,22 @@ def train(
     with _progress_bar(trainer, minutes) as progress:
         trainer.run(write_log(out / "train_log.jsonl"), progress)
     _save(model, trainer, out, export)
+
+
+def _training_model(task: str, init: Path | None, arch: str, ca_variant: str, vocab: int, seed: int, shape: dict,
+                    segment_size: int):
+    """A fresh CA model, an existing directory (--init), or a fresh QA model with the default tokenizer."""
+    from model import ArmtConfig
+    from model.training import default_tokenizer, load_for_training, new_model
+    from model.training.reasoning import new_ca_model
+
+    if task == "ca":
+        return new_ca_model(arch, variant=ca_variant, seed=seed, **shape)
+    if init is not None:
+        armt = ArmtConfig(num_mem_tokens=shape["num_mem_tokens"], d_mem=shape["d_mem"], segment_size=segment_size,
+                          armt_version=2)
+        return load_for_training(init, armt)
+    return new_model(default_tokenizer(vocab), segment_size=segment_size, seed=seed, **shape)
 
 
 @contextmanager

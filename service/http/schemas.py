@@ -6,6 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
+from service.core.sessions import MAX_HOP_LIMIT
 from service.core.types import NON_BLANK, AnswerDone, AppendResult, SessionMeta
 
 # Stop strings are searched for after every decoded token: at most 16 of at most 1000 characters (empty: ignored).
@@ -28,7 +29,7 @@ def json_int(**constraints):
 
 TokenLimit = json_int(ge=1)  # the upper bound is ARMT_MAX_NEW_TOKENS_LIMIT, written into the schema by openapi.py
 Seed = json_int(ge=-(2**63), le=2**64 - 1)  # the range of torch.Generator.manual_seed
-HopLimit = json_int(ge=1, le=64)  # ACT models: service.core.sessions.MAX_HOP_LIMIT
+HopLimit = json_int(ge=1, le=MAX_HOP_LIMIT)  # ACT models only
 
 
 def _iso(ts: float) -> str:
