@@ -163,14 +163,18 @@ class ArmtModel(ArmtEngineMixin, nn.Module):
         if act is not None and cache is not None:
             raise ValueError("ACT re-runs each block per hop, which a KV cache cannot follow; decode without one")
         h, ctx = self.base.begin(x, position_ids, cache)
-        keep = None if bool(first.all()) else (~first).to(h.dtype).view(-1, 1, 1)  # [B, 1, 1]: 0 = no read yet
+        # decided on the host once per segment: no read when no row has memory yet, no masks when every row has
+        any_first, reads = bool(first.any()), not bool(first.all())
+        keep = (~first).to(h.dtype).view(-1, 1, 1) if any_first and reads else None  # [B, 1, 1]: 0 = no read yet
+        write_first = first if any_first else None
         A_out, z_out = [], []
         for layer in range(self.n_layers):
             A_l, z_l = A[:, layer], z[:, layer]  # [B, d_key, d], [B, d_key]
 
             def step(h_in: torch.Tensor, layer=layer, A_l=A_l, z_l=z_l) -> torch.Tensor:
-                if keep is not None:
-                    h_in = h_in + associative_read(h_in, self.W_mq[layer], A_l, z_l, cfg.normalize_phi) * keep
+                if reads:
+                    y = associative_read(h_in, self.W_mq[layer], A_l, z_l, cfg.normalize_phi)  # [B, T, d]
+                    h_in = h_in + (y if keep is None else y * keep)
                 return self.base.block(layer, h_in, ctx)
 
             h = step(h) if act is None else halting_loop(step, h, self.act_w[layer], self.act_b[layer], act, layer)
@@ -179,7 +183,7 @@ class ArmtModel(ArmtEngineMixin, nn.Module):
             if write and cfg.num_mem_tokens:
                 m = h[:, -cfg.num_mem_tokens :]  # [B, M, d] memory-token outputs
                 A_l, z_l = delta_write(
-                    m, self.W_mk[layer], self.W_mv[layer], self.W_mb[layer], self.b_mb[layer], A_l, z_l, first,
+                    m, self.W_mk[layer], self.W_mv[layer], self.W_mb[layer], self.b_mb[layer], A_l, z_l, write_first,
                     normalize=cfg.normalize_phi, correction=cfg.correction,
                 )
             A_out.append(A_l)

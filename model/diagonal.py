@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .memory import associative_read, delta_write
+from .memory import associative_read, delta_update
 from .sequential import split_segments
 
 
@@ -49,6 +49,11 @@ class DiagonalPipeline:
         self.width = self.sink + cfg.segment_size + self.M  # T'
         self.entries = self._entries()
         self.stacked = model.stacked_blocks()
+        # the write's three projections (W_mk, W_mv, W_mb) fused into one batched matmul: [L, d, d_mem + d + 1]
+        W = torch.cat([model.W_mk, model.W_mv, model.W_mb], dim=1).detach()  # [L, d_mem + d + 1, d]
+        self.W_write = W.transpose(1, 2).contiguous()  # [L, d, d_mem + d + 1]
+        self.b_write = torch.cat([W.new_zeros(W.shape[0], W.shape[1] - 1), model.b_mb.detach()], dim=1)  # [L, ..]
+        self.write_split = [model.W_mk.shape[1], model.W_mv.shape[1], 1]
         self.A = torch.stack([s.A for s in streams]).to(model.device)  # [N, L, d_key, d]
         self.z = torch.stack([s.z for s in streams]).to(model.device)  # [N, L, d_key]
         L, d = model.n_layers, model.base.d_model
@@ -92,18 +97,22 @@ class DiagonalPipeline:
     def _step(self, cells: list[Entry], lo: int, hi: int) -> torch.Tensor:
         """Read, block and write for the cells at layers lo..hi-1 (one batched call each)."""
         m, cfg = self.model, self.model.config
-        first = torch.tensor([c.first for c in cells], device=m.device)  # [G] bool
+        # decided on the host (no device sync): masks only when some cell is its session's first segment
+        n_first = sum(c.first for c in cells)
+        first = torch.tensor([c.first for c in cells], device=m.device) if n_first else None  # [G] bool
         index = self._memory_index(cells, lo, hi)
         A, z = self.A[index], self.z[index]  # [G, d_key, d], [G, d_key]
         h = self.H[lo:hi]  # [G, T', d]
-        if not all(c.first for c in cells):  # decided on the host: no device sync per step
-            y = associative_read(h, m.W_mq[lo:hi], A, z, cfg.normalize_phi)
-            h = h + y * (~first).to(h.dtype).view(-1, 1, 1)
+        if n_first < len(cells):  # some cell reads
+            y = associative_read(h, m.W_mq[lo:hi], A, z, cfg.normalize_phi)  # [G, T', d]
+            h = h + (y if first is None else y * (~first).to(h.dtype).view(-1, 1, 1))
         h = self.stacked(h, lo, hi, self.rope)
         if self.M:
             mem = self._memory_outputs(cells, h)  # [G, M, d]
-            A, z = delta_write(mem, m.W_mk[lo:hi], m.W_mv[lo:hi], m.W_mb[lo:hi], m.b_mb[lo:hi], A, z, first,
-                               normalize=cfg.normalize_phi, correction=cfg.correction)
+            kvb = torch.baddbmm(self.b_write[lo:hi].unsqueeze(1), mem, self.W_write[lo:hi])  # [G, M, d_mem+d+1]
+            k, v, beta_logit = kvb.split(self.write_split, dim=-1)
+            A, z = delta_update(k, v, beta_logit, A, z, first, normalize=cfg.normalize_phi,
+                                correction=cfg.correction)
             self.A[index] = A
             self.z[index] = z
         return h

@@ -78,14 +78,17 @@ def decode_final_segment(
     cache = model.base.new_cache()
     x, positions, _ = model.segment_inputs(final_ids, with_memory=False)  # [1, n', d], [1, n']
     next_pos = positions.shape[1]
+    # never yield inside no_grad: grad mode is per thread, and a caller holding a half-read iterator would find
+    # gradients switched off in its own code until the iterator ends
     with torch.no_grad():
         h, _, _ = model.run_layers(x, positions, A, z, first, write=False, cache=cache)
         logits = model.base.head(h[:, -1:])  # [1, 1, V]
-        for step in range(params.max_new_tokens):
-            token = sample(logits[0, -1].cpu(), params, generator)
-            yield token
-            if token in params.stop_token_ids or step == params.max_new_tokens - 1:
-                return
+    for step in range(params.max_new_tokens):
+        token = sample(logits[0, -1].cpu(), params, generator)
+        yield token
+        if token in params.stop_token_ids or step == params.max_new_tokens - 1:
+            return
+        with torch.no_grad():
             ids = torch.tensor([[token]], device=final_ids.device)
             pos = torch.tensor([[next_pos + step]], device=final_ids.device)
             h, _, _ = model.run_layers(model.base.embed(ids), pos, A, z, first, write=False, cache=cache)

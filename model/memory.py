@@ -81,7 +81,7 @@ def delta_write(
     b_b: torch.Tensor,
     A: torch.Tensor,
     z: torch.Tensor,
-    first: torch.Tensor,
+    first: torch.Tensor | None,
     *,
     normalize: bool,
     correction: bool,
@@ -90,11 +90,31 @@ def delta_write(
 
     m: [B, M, d]; W_k: [d_mem, d]; W_v: [d, d]; W_b: [1, d]; b_b: [1] (or each with a leading [B]);
     A: [B, d_key, d]; z: [B, d_key];
-    first: [B] bool, True where this is the session's first written segment (vbar = 0, gamma = 1).
+    first: [B] bool, True where this is the session's first written segment (vbar = 0, gamma = 1); None when no
+    row is.
     """
-    k = feature_map(project(m, W_k), normalize).to(A.dtype)  # [B, M, d_key]
-    v = project(m, W_v).to(A.dtype)  # [B, M, d]
-    beta = torch.sigmoid(project(m, W_b, b_b)).to(A.dtype)  # [B, M, 1]
+    k = project(m, W_k)  # [B, M, d_mem]
+    v = project(m, W_v)  # [B, M, d]
+    beta_logit = project(m, W_b, b_b)  # [B, M, 1]
+    return delta_update(k, v, beta_logit, A, z, first, normalize=normalize, correction=correction)
+
+
+def delta_update(
+    k_proj: torch.Tensor,
+    v: torch.Tensor,
+    beta_logit: torch.Tensor,
+    A: torch.Tensor,
+    z: torch.Tensor,
+    first: torch.Tensor | None,
+    *,
+    normalize: bool,
+    correction: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The write from projected memory tokens (W_k m [B, M, d_mem], W_v m [B, M, d], W_b m + b_b [B, M, 1]), so
+    that a caller holding the three projections fused in one matmul (the diagonal executor) shares the math."""
+    k = feature_map(k_proj, normalize).to(A.dtype)  # [B, M, d_key]
+    v = v.to(A.dtype)
+    beta = torch.sigmoid(beta_logit).to(A.dtype)  # [B, M, 1]
     denom = torch.bmm(k, z.unsqueeze(-1)) + EPS  # [B, M, 1]
     vbar = torch.bmm(k, A) / denom  # [B, M, d]
     if correction:
@@ -103,10 +123,11 @@ def delta_write(
             k_sq = k_sq + EPS  # V1 keeps an epsilon here, V2 does not
         gamma = torch.clamp(1 - denom / k_sq, 0, 1).detach()  # [B, M, 1]; no gradient, as in the paper's code
     else:
-        gamma = torch.ones_like(denom)
-    not_first = (~first).to(A.dtype).view(-1, 1, 1)  # [B, 1, 1]
-    vbar = vbar * not_first
-    gamma = gamma * not_first + (1 - not_first)
-    A_new = A + torch.bmm((k * beta).transpose(1, 2), v - vbar)  # [B, d_key, d]
-    z_new = z + (gamma * k).sum(dim=1)  # [B, d_key]
+        gamma = None  # all ones
+    if first is not None:
+        not_first = (~first).to(A.dtype).view(-1, 1, 1)  # [B, 1, 1]
+        vbar = vbar * not_first
+        gamma = (gamma if gamma is not None else 1) * not_first + (1 - not_first)
+    A_new = torch.baddbmm(A, (k * beta).transpose(1, 2), v - vbar)  # A + [B, d_key, M] @ [B, M, d]
+    z_new = z + (k.sum(dim=1) if gamma is None else (gamma * k).sum(dim=1))  # [B, d_key]
     return A_new, z_new

@@ -38,11 +38,9 @@ class StackedBlocks:
         return _gpt2_blocks(self, h, lo, hi)
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-        """q [G, T, Hq*hd], k/v [G, T, Hkv*hd] (rotated already) of layers lo..hi-1 -> [G, T, Hq*hd]."""
-        G, T, _ = q.shape
-        q = q.view(G, T, self.n_heads, self.head_dim).transpose(1, 2)  # [G, Hq, T, hd]
-        k = k.view(G, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [G, Hkv, T, hd]
-        v = v.view(G, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        """q [G, T, Hq, hd], k/v [G, T, Hkv, hd] (rotated already) of layers lo..hi-1 -> [G, T, Hq*hd]."""
+        G, T = q.shape[:2]
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [G, H, T, hd]
         scales = self.scales[lo:hi]
         softmax_scale = scales[0]
         if any(s != softmax_scale for s in scales):  # fold each cell's own scale into its queries
@@ -69,10 +67,11 @@ def _llama_blocks(sb: StackedBlocks, h: torch.Tensor, lo: int, hi: int, rope) ->
     x = _rms_norm(h, w["ln1"][lo:hi], sb.eps)
     qkv = _linear(x, w["qkv"][lo:hi], opt("qkv_b"))  # [G, T, (Hq + 2 Hkv) hd]
     nq, nkv = sb.n_heads * sb.head_dim, sb.n_kv_heads * sb.head_dim
-    q, k, v = qkv.split([nq, nkv, nkv], dim=-1)
     cos, sin = rope  # [1, T, hd]
-    q = _apply_rope(q.view(G, T, sb.n_heads, sb.head_dim), cos, sin).reshape(G, T, nq)
-    k = _apply_rope(k.view(G, T, sb.n_kv_heads, sb.head_dim), cos, sin).reshape(G, T, nkv)
+    # queries and keys rotated in one pass (same positions): [G, T, Hq + Hkv, hd]
+    qk = _apply_rope(qkv[..., : nq + nkv].view(G, T, sb.n_heads + sb.n_kv_heads, sb.head_dim), cos, sin)
+    q, k = qk.split([sb.n_heads, sb.n_kv_heads], dim=2)  # [G, T, Hq, hd], [G, T, Hkv, hd]
+    v = qkv[..., nq + nkv :].view(G, T, sb.n_kv_heads, sb.head_dim)  # [G, T, Hkv, hd]
     h = h + _linear(sb.attention(q, k, v, lo, hi), w["o"][lo:hi], opt("o_b"))
     x = _rms_norm(h, w["ln2"][lo:hi], sb.eps)
     gate, up = _linear(x, w["gate_up"][lo:hi], opt("gate_up_b")).chunk(2, dim=-1)  # [G, T, ff] each
@@ -99,7 +98,9 @@ def _layer_norm(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: 
 def _gpt2_blocks(sb: StackedBlocks, h: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     w = sb.w
     x = _layer_norm(h, w["ln1"][lo:hi], w["ln1_b"][lo:hi], sb.eps)
-    q, k, v = _linear(x, w["qkv"][lo:hi], w["qkv_b"][lo:hi]).chunk(3, dim=-1)  # [G, T, d] each
+    G, T = h.shape[:2]
+    qkv = _linear(x, w["qkv"][lo:hi], w["qkv_b"][lo:hi]).view(G, T, 3, sb.n_heads, sb.head_dim)  # [G, T, 3, H, hd]
+    q, k, v = qkv.unbind(2)  # [G, T, H, hd] each
     h = h + _linear(sb.attention(q, k, v, lo, hi), w["o"][lo:hi], w["o_b"][lo:hi])
     x = _layer_norm(h, w["ln2"][lo:hi], w["ln2_b"][lo:hi], sb.eps)
     x = sb.act(_linear(x, w["fc"][lo:hi], w["fc_b"][lo:hi]))

@@ -56,6 +56,15 @@ def test_generate_never_mutates_state(model):
     assert first == again and len(first) == 6
 
 
+def test_a_half_read_generate_leaves_gradients_on_for_the_caller(model):
+    """Grad mode is per thread: an iterator suspended inside no_grad would switch gradients off in the caller."""
+    tokens = model.generate(model.ingest(model.new_state(), _doc(45)), _doc(7, 2), max_new_tokens=6)
+    next(tokens)
+    next(tokens)
+    assert torch.is_grad_enabled()
+    tokens.close()
+
+
 def test_generate_from_pending_only(model):
     state = model.ingest(model.new_state(), _doc(25))
     assert len(list(model.generate(state, [], max_new_tokens=3))) == 3
