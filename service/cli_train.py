@@ -27,6 +27,10 @@ def train(
     probe_weight: float = typer.Option(0.2, help="name-binding probe weight (0: off)"),
     lr: float = 1e-3,
     warmup: int = typer.Option(200, help="linear warm-up steps"),
+    questions: int = typer.Option(None, help="questions per training document; default 4, and 1 for remember "
+                                             "(each question takes the room of two key-value pairs)"),
+    advance_at: float = typer.Option(0.9, help="curriculum: move to the next stage when the running and held-out "
+                                               "accuracy reach this"),
     layers: int = 4, hidden: int = 128, heads: int = 4, ffn: int = 512,
     num_mem_tokens: int = 16, d_mem: int = 32, segment_size: int = 64, vocab: int = 3000,
     seed: int = 0,
@@ -57,7 +61,8 @@ def train(
     model = model.to(device=device, dtype=torch.bfloat16 if bf16 else torch.float32)
     cfg = TrainConfig(task=task, stages=tuple(int(s) for s in stages.split(",")), batch_size=batch_size,
                       aux_batch_size=aux_batch_size, copy_batch_size=copy_batch_size, probe_layer=probe_layer,
-                      probe_weight=probe_weight, lr=lr, warmup=warmup, minutes=minutes, max_steps=max_steps, seed=seed,
+                      probe_weight=probe_weight, lr=lr, warmup=warmup, advance_at=advance_at, minutes=minutes,
+                      questions=questions or (1 if task == "remember" else 4), max_steps=max_steps, seed=seed,
                       ca_k=ca_k, ca_variant=ca_variant, ponder_tau=ponder_tau)
     trainer = Trainer(model, Codec(model.tokenizer) if model.tokenizer is not None else None, cfg, out)
     if resume and not trainer.load_checkpoint():
