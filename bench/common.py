@@ -68,10 +68,20 @@ def run_against_server(args: argparse.Namespace, run: Callable[[str, int | None]
         host = urlsplit(args.url).hostname
         if host not in ("127.0.0.1", "::1", "localhost"):
             raise SystemExit(f"--url must be a loopback address, got {host!r}")
-        return asyncio.run(run(args.url.rstrip("/"), args.pid))
+        return run_loop(run(args.url.rstrip("/"), args.pid))
     with tempfile.TemporaryDirectory(prefix="armt-bench-") as tmp:
         with Server(resolve_model(args.model, Path(tmp)), Path(tmp) / "data", **parse_env(args.env)) as srv:
-            return asyncio.run(run(srv.url, srv.proc.pid))
+            return run_loop(run(srv.url, srv.proc.pid))
+
+
+def run_loop(main: Awaitable[dict]) -> dict:
+    """On uvloop when installed (uvicorn[standard] brings it): the client's own event loop stays the lighter side
+    of the measurement."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
 
 
 async def aiter_sse(response) -> AsyncIterator[tuple[str | None, str]]:

@@ -141,13 +141,27 @@ def server_ttft(before: dict, after: dict) -> dict:
 
 
 async def measure(http, work: Workload, run) -> dict:
-    """Run one step (a closed or open loop), timed, with the server's counters before and after."""
+    """Run one step (a closed or open loop), timed, with the server's counters before and after, and the load
+    generator's own event-loop lag (a busy client reads answers late and inflates every latency it reports)."""
     before, start = await server_counters(http), time.perf_counter()
+    lags: list[float] = []
+    ticker = asyncio.create_task(loop_lag(lags))
     results = await run()
+    ticker.cancel()
     elapsed = time.perf_counter() - start
     after = await server_counters(http)
     return {**summarize(results, elapsed, after["tokens"] - before["tokens"]),
-            "server_ttft_ms": server_ttft(before, after)}
+            "server_ttft_ms": server_ttft(before, after),
+            "client_loop_lag_ms": {k: (round(v * 1000, 1) if isinstance(v, float) else v)
+                                   for k, v in percentiles(lags).items()}}
+
+
+async def loop_lag(lags: list[float], every: float = 0.01) -> None:
+    """How late a 10 ms sleep wakes up, sampled until cancelled."""
+    while True:
+        due = time.perf_counter() + every
+        await asyncio.sleep(every)
+        lags.append(max(0.0, time.perf_counter() - due))
 
 
 def summarize(results: list[Result], elapsed: float, ingested: float) -> dict:
@@ -235,7 +249,8 @@ def line(step: dict) -> str:
             f"{step['itl_ms']['p50']}/{step['itl_ms']['p99']} ms, e2e p99 {step['ask_e2e_ms']['p99']} ms, "
             f"append e2e p99 {step['append_e2e_ms']['p99']} ms, ingest {step['ingest_tokens_per_s']} tokens/s; "
             f"server-side TTFT p99 <= {step['server_ttft_ms']['p99_at_most']} ms, "
-            f"429 answered in p50/p99 {step['refusal_ms']['p50']}/{step['refusal_ms']['p99']} ms")
+            f"429 answered in p50/p99 {step['refusal_ms']['p50']}/{step['refusal_ms']['p99']} ms; "
+            f"load generator's loop lag p99 {step['client_loop_lag_ms']['p99']} ms")
 
 
 def goals(unloaded: dict, levels: dict) -> dict:

@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     retry_after_seconds: int = Field(1, ge=0)
     state_cache_size: int = Field(64, ge=0)
     sse_ping_seconds: float = Field(15.0, gt=0)
+    # Threads of torch's CPU kernels (torch.set_num_threads) in the engine; 0: all cores but one, so that the
+    # HTTP event loop always has a core to answer on (and to refuse with a fast 429 under overload).
+    torch_threads: int = Field(0, ge=0)
     # HTTP request limits (service/http/limits.py): a JSON body's size, and the longest wait for the next piece
     # of any request body before a 408 (a stalled upload must not hold a request open forever).
     max_json_bytes: int = Field(1 * MiB, ge=1024)
@@ -118,5 +121,5 @@ class Settings(BaseSettings):
             max_question_chars=self.max_question_chars, max_queue=self.max_queue,
             max_batch_sessions=self.max_batch_sessions, unit_segments=self.ingest_unit_segments,
             retry_after_seconds=float(self.retry_after_seconds), state_cache_size=self.state_cache_size,
-            fault_delay_save_s=self.fault_delay_save_s,
+            fault_delay_save_s=self.fault_delay_save_s, torch_threads=self.torch_threads,
         )

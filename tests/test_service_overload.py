@@ -64,6 +64,12 @@ def test_every_excess_request_gets_429_with_retry_after(server):
         assert r.headers["retry-after"] == "3" and r.json()["error"]["code"] == "overloaded"
     assert httpx.post(f"{server.url}/v1/sessions/{sid}/ask", json={"question": "q", "max_new_tokens": 2},
                       timeout=60).status_code == 200  # slots are free again
+    # refused before routing (service/http/admission.py), yet counted under the route's template
+    metrics = httpx.get(f"{server.url}/metrics").text
+    for route in ("/v1/sessions/{session_id}/ask", "/v1/sessions/{session_id}/append"):
+        line = next(ln for ln in metrics.splitlines() if ln.startswith("armt_request_duration_seconds_count{")
+                    and f'route="{route}"' in ln and 'status="429"' in ln)
+        assert float(line.rsplit(" ", 1)[1]) >= 1
 
 
 def test_an_append_refused_for_overload_is_refused_before_its_body(server):

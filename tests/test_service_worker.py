@@ -93,3 +93,29 @@ def test_cancelled_jobs_stop(model):
     upload.future.cancel()  # the client went away: the job is dropped before any unit
     drain(worker, scheduler)
     assert stats.engine.ingest_tokens == 0 and scheduler.waiting == 0
+
+
+def test_a_question_arriving_during_the_decodes_gets_its_first_token_before_the_ingest_unit(model):
+    """A question submitted while a round's decodes run is answered in that round, ahead of its ingest unit."""
+    scheduler, stats = Scheduler(), ServiceStats()
+    worker = EngineWorker(model, scheduler, stats, executor="sequential", unit_segments=1)
+    order: list[str] = []
+    late = GenerateJob(model.new_state(), [5, 6, 7], 3, 0.0, 1.0, None,
+                       lambda t: order.append("late token") is None, lambda reason, error: None)
+
+    def early_token(token: int) -> bool:
+        if late not in scheduler._decodes:  # the first decode step of the round submits the late question
+            scheduler.submit(late)
+        order.append("early token")
+        return True
+
+    early = GenerateJob(model.new_state(), [5, 6, 7], 3, 0.0, 1.0, None, early_token, lambda reason, error: None)
+    ingest = IngestJob(model.new_state(), ids(3 * SEGMENT, 4))
+    scheduler.submit(early)
+    scheduler.submit(ingest)
+    work = scheduler.next_work(timeout=0)
+    real_unit = worker._ingest_unit
+    worker._ingest_unit = lambda jobs: order.append("ingest unit") or real_unit(jobs)
+    worker.step(work)
+    assert order == ["early token", "late token", "ingest unit"]
+    assert late.generated == 1

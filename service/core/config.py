@@ -24,4 +24,5 @@ class CoreConfig:
     unit_segments: int  # segments per session per ingest unit (bounds a question's wait)
     retry_after_seconds: float
     state_cache_size: int  # memory states kept in RAM (the rest are read from the store on use)
+    torch_threads: int = 0  # torch CPU threads for the engine; 0: all cores but one (at least one)
     fault_delay_save_s: float = 0.0  # test-only: sleep between a session file's temp write and its rename

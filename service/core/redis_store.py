@@ -87,6 +87,8 @@ return redis.call('ZCARD', KEYS[1])
 class RedisStore:
     """The SessionStore protocol on Redis; thread-safe (redis-py's connection pool), called from worker threads."""
 
+    index_in_memory = False  # every lookup is a round trip: the service calls it in a thread
+
     def __init__(self, client: redis.Redis, ttl_s: int | None = None, prefix: str = "armt") -> None:
         self.r, self.ttl_ms, self.prefix = client, int(ttl_s * 1000) if ttl_s else 0, prefix
         self._save, self._delete = client.register_script(_SAVE), client.register_script(_DELETE)

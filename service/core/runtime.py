@@ -6,6 +6,8 @@ loads (a probe can tell "loading" from "dead"); `sessions` is None until the mod
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import threading
 import time
 
@@ -18,6 +20,7 @@ from .store import DiskStore, SessionStore
 from .worker import EngineWorker
 
 log = logging.getLogger("armt.runtime")
+GIL_SWITCH_INTERVAL_S = 0.001
 
 
 class Runtime:
@@ -34,6 +37,10 @@ class Runtime:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
+        # The engine thread runs Python between torch calls while holding the GIL; the event loop thread waits up
+        # to the switch interval (5 ms by default) each time it needs the GIL back. 1 ms keeps request handling
+        # (first tokens, fast 429s) responsive under load (measured with bench/loadgen.py: README "Reliability").
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         self._thread = threading.Thread(target=self._load, name="armt-load", daemon=True)
         self._thread.start()
 
@@ -89,6 +96,7 @@ def load_model(cfg: CoreConfig):
 
     from model import ArmtModel
 
+    torch.set_num_threads(engine_threads(cfg.torch_threads))
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
     model = ArmtModel.from_pretrained(cfg.model_dir, device=cfg.device, dtype=dtype)
     if model.tokenizer is None:
@@ -97,3 +105,9 @@ def load_model(cfg: CoreConfig):
     if vocab > model.base.vocab_size:
         raise ValueError(f"tokenizer has {vocab} tokens but the model's vocabulary is {model.base.vocab_size}")
     return model
+
+
+def engine_threads(requested: int) -> int:
+    """torch's CPU threads: as requested, else all cores but one (the HTTP event loop's), at least one."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return requested if requested > 0 else max(1, cores - 1)

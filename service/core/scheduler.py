@@ -107,6 +107,11 @@ class Scheduler:
             # questions not started yet first: their first token (prefill) goes before the next token of others
             return Work(sorted(self._decodes, key=lambda job: job.started), self._ingests[: self.max_batch])
 
+    def unstarted_decodes(self) -> list[GenerateJob]:
+        """Questions admitted since the round began (no token yet), oldest first."""
+        with self._cv:
+            return [job for job in self._decodes if not job.started]
+
     def finish(self, job: IngestJob | GenerateJob) -> None:
         with self._cv:
             jobs = self._ingests if isinstance(job, IngestJob) else self._decodes

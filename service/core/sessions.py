@@ -45,10 +45,17 @@ class SessionService:
     # ------------------------------------------------------------------ lookups
     async def get(self, tenant: str, session_id: str) -> SessionMeta:
         """The session's newest metadata, as the store has it now."""
-        meta = await asyncio.to_thread(self.store.get, session_id) if SESSION_ID.match(session_id) else None
+        meta = await self._lookup(session_id)
         if meta is None or meta.tenant != tenant:  # another tenant's session does not exist for this caller
             raise SessionNotFound(f"no session {session_id}")
         return meta
+
+    async def _lookup(self, session_id: str) -> SessionMeta | None:
+        if not SESSION_ID.match(session_id):
+            return None
+        if self.store.index_in_memory:  # a dict lookup: cheaper than the thread hop
+            return self.store.get(session_id)
+        return await asyncio.to_thread(self.store.get, session_id)
 
     async def list(self, tenant: str, limit: int, cursor: str | None) -> SessionPage:
         """Oldest first; `cursor` is the `next_cursor` of the previous page."""

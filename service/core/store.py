@@ -34,6 +34,10 @@ SESSION_KEY = "armt_session"  # header metadata key holding the session JSON
 class SessionStore(Protocol):
     """What the service needs from a store (DiskStore here, RedisStore in redis_store.py)."""
 
+    # True when get() is a lookup in this process's memory: the service then calls it on the event loop, since
+    # a thread hop per request would cost more than the lookup (and, under overload, delay every request).
+    index_in_memory: bool
+
     def get(self, session_id: str) -> SessionMeta | None:
         """The newest metadata of a session (reads no tensors); None when there is none."""
 
@@ -66,6 +70,7 @@ def check_version(session_id: str, stored: int, meta: SessionMeta) -> None:
 
 
 class DiskStore:
+    index_in_memory = True
     """One file per session under `root/sessions/<id>.safetensors`, and an in-memory index of their metadata.
 
     One process owns a data directory: the index is this process's view, rebuilt from the file headers here.

@@ -1,9 +1,10 @@
 """The engine worker: the only thread that touches the model.
 
 `step()` = take a round of work from the scheduler -> run it -> update jobs. A round is one decode step for every
-running question (decode first: time to first token matters most), then one ingest unit: up to `unit_segments`
-segments of every admitted append, all sessions batched through one diagonal pipeline (`ingest_many`). Chunk
-invariance of the engine makes the unit size invisible in the result.
+running question (decode first: time to first token matters most; questions that arrived meanwhile get their
+first token too, so that a new question never waits for a whole round plus an ingest unit), then one ingest unit:
+up to `unit_segments` segments of every admitted append, all sessions batched through one diagonal pipeline
+(`ingest_many`). Chunk invariance of the engine makes the unit size invisible in the result.
 """
 from __future__ import annotations
 
@@ -53,6 +54,8 @@ class EngineWorker:
 
     def step(self, work: Work) -> None:
         for job in work.decodes:
+            self._decode_step(job)
+        for job in self.scheduler.unstarted_decodes():  # arrived during the decodes: first token before the unit
             self._decode_step(job)
         if work.ingests:
             self._ingest_unit(work.ingests)

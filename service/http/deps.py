@@ -1,5 +1,8 @@
 """Request dependencies: the caller's tenant (API-key auth) and the core services.
 
+All are `async def`: FastAPI runs a plain `def` dependency in its thread pool, a thread hop per dependency per
+request that, under overload, costs the event loop more than the work itself.
+
 Every /v1 route takes `Tenant`; tests/test_service_auth.py walks app.routes so that a new route without it fails.
 """
 from __future__ import annotations
@@ -11,7 +14,6 @@ from fastapi import Depends, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.core.errors import InvalidRequest, Unauthorized
-from service.core.runtime import Runtime
 from service.core.sessions import SessionService
 from service.settings import Settings
 
@@ -20,16 +22,12 @@ OPEN_TENANT = "default"  # everyone's tenant when ARMT_API_KEYS is empty
 BEARER = HTTPBearer(auto_error=False, description="an API key of ARMT_API_KEYS (when set)")
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_runtime(request: Request) -> Runtime:
-    return request.app.state.runtime
-
-
-def current_tenant(request: Request,
-                   credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]) -> str:
+async def current_tenant(request: Request,
+                         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]) -> str:
     """The tenant of the bearer key; 401 (with WWW-Authenticate) when keys are configured and none matches."""
     keys: dict[str, str] = request.app.state.tenants
     if not keys:
@@ -46,7 +44,7 @@ def current_tenant(request: Request,
     return tenant
 
 
-def known_query_only(request: Request) -> None:
+async def known_query_only(request: Request) -> None:
     """422 for a query parameter the route does not take: a misspelt `?limt=5` must not be silently ignored.
     A dependency of every /v1 router (V1_CHECKS); tests/test_service_auth.py checks that each /v1 route has it."""
     route = request.scope.get("route")
@@ -63,9 +61,9 @@ def _query_names(dependant):
         yield from _query_names(dep)
 
 
-def session_service(request: Request) -> SessionService:
+async def session_service(request: Request) -> SessionService:
     """503 while the model loads."""
-    return get_runtime(request).require()
+    return request.app.state.runtime.require()
 
 
 V1_CHECKS = [Depends(known_query_only)]  # the `dependencies=` of every /v1 router
