@@ -19,7 +19,6 @@ SECRETS = [*KEYS, WRONG]
 
 def exercise(url: str) -> list[str]:
     """Every route with a valid key, and auth failures; returns the response bodies."""
-    bodies = []
     alice, bob = (httpx.Client(base_url=url, headers={"Authorization": f"Bearer {k}"}, timeout=30) for k in KEYS)
     with alice, bob:
         sid = alice.post("/v1/sessions").json()["id"]
