@@ -91,14 +91,28 @@ class ArmtModel(ArmtEngineMixin, nn.Module):
             )
 
     def stacked_blocks(self):
-        """The blocks' weights stacked over layers for the diagonal executor; rebuilt when a weight changed in
-        place (optimizer step, load) or moved, detected through the tensors' version counters."""
-        params = list(self.base.blocks.parameters())
-        key = (self.device, self.dtype, sum(p._version for p in params), tuple(p.data_ptr() for p in params[:1]))
-        if getattr(self, "_stacked_key", None) != key:
-            self._stacked = self.base.stacked_weights()
-            self._stacked_key = key
-        return self._stacked
+        """The blocks' weights stacked over layers for the diagonal executor (cached, see `_derived`)."""
+        return self._derived("stacked", list(self.base.blocks.parameters()), self.base.stacked_weights)
+
+    def fused_write(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The write's three projections (W_mk, W_mv, W_mb + b_mb) as one batched matmul for the diagonal
+        executor: (W [L, d, d_mem + d + 1], bias [L, d_mem + d + 1], zero but for the gate's). Cached."""
+
+        def build():
+            W = torch.cat([self.W_mk, self.W_mv, self.W_mb], dim=1).detach()  # [L, d_mem + d + 1, d]
+            bias = torch.cat([W.new_zeros(W.shape[0], W.shape[1] - 1), self.b_mb.detach()], dim=1)  # [L, ...]
+            return W.transpose(1, 2).contiguous(), bias  # [L, d, d_mem + d + 1]
+
+        return self._derived("fused_write", [self.W_mk, self.W_mv, self.W_mb, self.b_mb], build)
+
+    def _derived(self, name: str, params: list[torch.Tensor], build):
+        """`build()` once per weight version: rebuilt when one of `params` changed in place (optimizer step, load)
+        or moved, detected through the tensors' version counters and storage."""
+        key = (self.device, self.dtype, sum(p._version for p in params), tuple(p.data_ptr() for p in params))
+        cache = self.__dict__.setdefault("_derived_cache", {})
+        if name not in cache or cache[name][0] != key:
+            cache[name] = (key, build())
+        return cache[name][1]
 
     @property
     def device(self) -> torch.device:
@@ -164,7 +178,8 @@ class ArmtModel(ArmtEngineMixin, nn.Module):
             raise ValueError("ACT re-runs each block per hop, which a KV cache cannot follow; decode without one")
         h, ctx = self.base.begin(x, position_ids, cache)
         # decided on the host once per segment: no read when no row has memory yet, no masks when every row has
-        any_first, reads = bool(first.any()), not bool(first.all())
+        n_first = int(first.sum())  # one host sync
+        any_first, reads = n_first > 0, n_first < first.numel()
         keep = (~first).to(h.dtype).view(-1, 1, 1) if any_first and reads else None  # [B, 1, 1]: 0 = no read yet
         write_first = first if any_first else None
         A_out, z_out = [], []

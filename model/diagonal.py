@@ -49,10 +49,7 @@ class DiagonalPipeline:
         self.width = self.sink + cfg.segment_size + self.M  # T'
         self.entries = self._entries()
         self.stacked = model.stacked_blocks()
-        # the write's three projections (W_mk, W_mv, W_mb) fused into one batched matmul: [L, d, d_mem + d + 1]
-        W = torch.cat([model.W_mk, model.W_mv, model.W_mb], dim=1).detach()  # [L, d_mem + d + 1, d]
-        self.W_write = W.transpose(1, 2).contiguous()  # [L, d, d_mem + d + 1]
-        self.b_write = torch.cat([W.new_zeros(W.shape[0], W.shape[1] - 1), model.b_mb.detach()], dim=1)  # [L, ..]
+        self.W_write, self.b_write = model.fused_write()  # [L, d, d_mem + d + 1], [L, d_mem + d + 1]
         self.write_split = [model.W_mk.shape[1], model.W_mv.shape[1], 1]
         self.A = torch.stack([s.A for s in streams]).to(model.device)  # [N, L, d_key, d]
         self.z = torch.stack([s.z for s in streams]).to(model.device)  # [N, L, d_key]

@@ -50,20 +50,17 @@ def train(
     import torch
 
     from model.tasks import Codec
-    from model.training import TrainConfig, Trainer, write_log
+    from model.training import Trainer, write_log
 
     torch.manual_seed(seed)
-    if task == "ca":  # one fixed-length stage, no auxiliary batches, no name-binding probe
-        stages, aux_batch_size, copy_batch_size, probe_weight = "1", 0, 0, 0.0
     model = _training_model(task, init, arch, ca_variant, vocab, seed,
                             dict(layers=layers, hidden=hidden, heads=heads, ffn=ffn, num_mem_tokens=num_mem_tokens,
                                  d_mem=d_mem, act=act, max_hop=max_hop, act_fixed=act_fixed), segment_size)
     model = model.to(device=device, dtype=torch.bfloat16 if bf16 else torch.float32)
-    cfg = TrainConfig(task=task, stages=tuple(int(s) for s in stages.split(",")), batch_size=batch_size,
-                      aux_batch_size=aux_batch_size, copy_batch_size=copy_batch_size, probe_layer=probe_layer,
-                      probe_weight=probe_weight, lr=lr, warmup=warmup, advance_at=advance_at, minutes=minutes,
-                      questions=questions or (1 if task == "remember" else 4), max_steps=max_steps, seed=seed,
-                      ca_k=ca_k, ca_variant=ca_variant, ponder_tau=ponder_tau)
+    cfg = _train_config(task, stages, questions, batch_size=batch_size, aux_batch_size=aux_batch_size,
+                        copy_batch_size=copy_batch_size, probe_layer=probe_layer, probe_weight=probe_weight, lr=lr,
+                        warmup=warmup, advance_at=advance_at, minutes=minutes, max_steps=max_steps, seed=seed,
+                        ca_k=ca_k, ca_variant=ca_variant, ponder_tau=ponder_tau)
     trainer = Trainer(model, Codec(model.tokenizer) if model.tokenizer is not None else None, cfg, out)
     if resume and not trainer.load_checkpoint():
         typer.echo(f"error: no checkpoint in {out / 'checkpoint'}", err=True)
@@ -73,6 +70,18 @@ def train(
     with _progress_bar(trainer, minutes) as progress:
         trainer.run(write_log(out / "train_log.jsonl"), progress)
     _save(model, trainer, out, export)
+
+
+def _train_config(task: str, stages: str, questions: int | None, **options):
+    """The trainer's config with the task's own rules: CA trains one fixed-length stage without auxiliary batches
+    or the name-binding probe; remember asks one question per document (each takes the room of two pairs)."""
+    from model.training import TrainConfig
+
+    if task == "ca":
+        stages = "1"
+        options.update(aux_batch_size=0, copy_batch_size=0, probe_weight=0.0)
+    return TrainConfig(task=task, stages=tuple(int(s) for s in stages.split(",")),
+                       questions=questions or (1 if task == "remember" else 4), **options)
 
 
 def _training_model(task: str, init: Path | None, arch: str, ca_variant: str, vocab: int, seed: int, shape: dict,

@@ -39,6 +39,19 @@ def test_diagonal_equals_sequential(kind, tmp_path, n_segments):
         assert (a.segments, a.tokens) == (b.segments, b.tokens)
 
 
+def test_weights_changed_in_place_reach_the_diagonal_executor(tmp_path):
+    """Its stacked block weights and fused write projections are cached; an in-place change (an optimizer step)
+    must rebuild them."""
+    model = _model("llama", tmp_path)
+    ids = torch.randint(0, VOCAB, (1, 47), generator=torch.Generator().manual_seed(2))
+    model.forward_long(ids, executor="diagonal")  # fills the caches
+    with torch.no_grad():
+        model.W_mv.add_(0.05)
+        model.b_mb.add_(0.5)
+        next(model.base.blocks.parameters()).mul_(1.1)
+    _close(model.forward_long(ids, executor="diagonal")[0], model.forward_long(ids, executor="sequential")[0])
+
+
 def test_long_document_memory_matters(tmp_path):
     """The 100-segment check above is meaningful: history changes the last segment's logits by far more than 1e-5."""
     model = _model("llama", tmp_path)
