@@ -20,6 +20,8 @@ from .memory import associative_read, delta_write
 
 
 class ArmtModel(ArmtEngineMixin, nn.Module):
+    compiled_kernels: bool = False  # True: the diagonal executor runs torch.compile'd kernels (model/kernels.py)
+
     def __init__(self, base: BaseAdapter, config: ArmtConfig, fingerprint: str = "untrained"):
         super().__init__()
         self.base = base

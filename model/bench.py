@@ -11,6 +11,7 @@ import platform
 import resource
 import statistics
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -59,17 +60,22 @@ def timed(fn, device, repeats: int) -> float:
 
 
 @torch.no_grad()
-def measure_length(model: ArmtModel, n_segments: int, repeats: int, with_base: bool) -> dict:
-    """One document of n_segments full segments through each path."""
+def measure_length(model: ArmtModel, n_segments: int, repeats: int, with_base: bool, compiled: bool = False) -> dict:
+    """One document of n_segments full segments through each path (+ the diagonal one with compiled kernels)."""
     T = n_segments * model.config.segment_size
     ids = torch.randint(0, model.base.vocab_size, (1, T), device=model.device)
     row = {"segments": n_segments, "tokens": T}
     for name in ("sequential", "diagonal"):
         row[f"{name}_s"] = timed(lambda: model.ingest(model.new_state(), ids, executor=name), model.device, repeats)
+    if compiled:
+        with compiled_kernels(model):
+            row["diagonal_compiled_s"] = timed(lambda: model.ingest(model.new_state(), ids, executor="diagonal"),
+                                               model.device, repeats)
+        row["diagonal_compiled_over_sequential"] = row["sequential_s"] / row["diagonal_compiled_s"]
     if with_base:
         row["base_full_attention_s"] = timed(lambda: model.base.hf.model(ids), model.device, repeats)
     for key in [k for k in row if k.endswith("_s")]:
-        row[key.replace("_s", "_tok_per_s")] = T / row[key]
+        row[key[:-2] + "_tok_per_s"] = T / row[key]
     row["diagonal_over_sequential"] = row["sequential_s"] / row["diagonal_s"]
     if with_base:
         row["diagonal_over_base"] = row["base_full_attention_s"] / row["diagonal_s"]
@@ -77,18 +83,37 @@ def measure_length(model: ArmtModel, n_segments: int, repeats: int, with_base: b
 
 
 @torch.no_grad()
-def measure_sessions(model: ArmtModel, n_sessions: int, n_segments: int, repeats: int) -> dict:
-    """n_sessions documents: one shared pipeline vs one after another (diagonal and sequential)."""
+def measure_sessions(model: ArmtModel, n_sessions: int, n_segments: int, repeats: int, compiled: bool = False) -> dict:
+    """n_sessions documents: one shared pipeline (default lanes, and 1 / 2 / n_sessions lanes side by side) vs one
+    after another (diagonal and sequential)."""
     T = n_segments * model.config.segment_size
     docs = [torch.randint(0, model.base.vocab_size, (T,), device=model.device) for _ in range(n_sessions)]
     states = [model.new_state() for _ in docs]
     shared = timed(lambda: model.ingest_many(states, docs), model.device, repeats)
     one_by_one = {name: timed(lambda: [model.ingest(s, d, executor=name) for s, d in zip(states, docs)],
                               model.device, repeats) for name in ("diagonal", "sequential")}
-    return {"sessions": n_sessions, "segments_each": n_segments, "shared_pipeline_s": shared,
-            "one_by_one_diagonal_s": one_by_one["diagonal"], "one_by_one_sequential_s": one_by_one["sequential"],
-            "shared_over_one_by_one_diagonal": one_by_one["diagonal"] / shared,
-            "shared_over_one_by_one_sequential": one_by_one["sequential"] / shared}
+    row = {"sessions": n_sessions, "segments_each": n_segments, "shared_pipeline_s": shared,
+           "one_by_one_diagonal_s": one_by_one["diagonal"], "one_by_one_sequential_s": one_by_one["sequential"],
+           "shared_over_one_by_one_diagonal": one_by_one["diagonal"] / shared,
+           "shared_over_one_by_one_sequential": one_by_one["sequential"] / shared,
+           "shared_by_lanes_s": {n: timed(lambda: model.ingest_many(states, docs, lanes=n), model.device, repeats)
+                                 for n in sorted({1, 2, n_sessions})}}
+    if compiled:
+        with compiled_kernels(model):
+            row["shared_compiled_s"] = timed(lambda: model.ingest_many(states, docs), model.device, repeats)
+        row["shared_compiled_over_one_by_one_sequential"] = one_by_one["sequential"] / row["shared_compiled_s"]
+    return row
+
+
+@contextmanager
+def compiled_kernels(model: ArmtModel):
+    """The diagonal executor with torch.compile'd kernels (model/kernels.py) inside the block; compiling happens in
+    the timed() warm-up run."""
+    model.compiled_kernels = True
+    try:
+        yield
+    finally:
+        model.compiled_kernels = False
 
 
 def peak_memory(device) -> dict:
@@ -99,7 +124,8 @@ def peak_memory(device) -> dict:
 
 
 def run(preset: str, segments: list[int], sessions: int, session_segments: int, repeats: int, base_max_tokens: int,
-        dtype=torch.float32, device="cpu", out: Path | None = None, plot: Path | None = None) -> dict:
+        dtype=torch.float32, device="cpu", out: Path | None = None, plot: Path | None = None,
+        compiled: bool = False) -> dict:
     torch.manual_seed(0)
     model = build(preset, dtype, device)
     result = {"preset": preset, "shape": dict(zip(("layers", "hidden", "heads", "segment_size", "mem_tokens",
@@ -108,11 +134,11 @@ def run(preset: str, segments: list[int], sessions: int, session_segments: int, 
               "state_bytes": model.new_state().nbytes, "lengths": [], "threads": torch.get_num_threads()}
     for n in segments:
         with_base = n * model.config.segment_size <= base_max_tokens
-        row = measure_length(model, n, repeats, with_base)
+        row = measure_length(model, n, repeats, with_base, compiled)
         result["lengths"].append(row)
         print(_format_row(row), flush=True)
     if sessions:
-        result["sessions"] = measure_sessions(model, sessions, session_segments, repeats)
+        result["sessions"] = measure_sessions(model, sessions, session_segments, repeats, compiled)
         print(json.dumps(result["sessions"], indent=1), flush=True)
     result.update(peak_memory(device))
     if out:
@@ -126,8 +152,11 @@ def run(preset: str, segments: list[int], sessions: int, session_segments: int, 
 def _format_row(row: dict) -> str:
     base = f" base {row['base_full_attention_tok_per_s']:9.0f} tok/s  diag/base {row['diagonal_over_base']:5.2f}x" \
         if "diagonal_over_base" in row else ""
+    fused = f" compiled {row['diagonal_compiled_tok_per_s']:9.0f} tok/s  /seq " \
+        f"{row['diagonal_compiled_over_sequential']:5.2f}x |" if "diagonal_compiled_s" in row else ""
     return (f"{row['segments']:5d} seg {row['tokens']:7d} tok | seq {row['sequential_tok_per_s']:9.0f} tok/s "
-            f"diag {row['diagonal_tok_per_s']:9.0f} tok/s  diag/seq {row['diagonal_over_sequential']:5.2f}x |{base}")
+            f"diag {row['diagonal_tok_per_s']:9.0f} tok/s  diag/seq {row['diagonal_over_sequential']:5.2f}x |"
+            f"{fused}{base}")
 
 
 def machine(device) -> str:

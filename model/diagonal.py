@@ -3,9 +3,15 @@
 Cell (l, s) needs only layer l-1's output for segment s and layer l's memory after segment s-1, so segments enter
 a pipeline one per step and move down one layer per step: at step t, slot l holds the segment that entered at
 t - l. One step is one batched call over the active layers (model/stacked.py), the memory read and write batched
-over the same cells. Several sessions share the pipeline: their segment streams enter back to back, a new
-session's first segment right behind the previous one's last (no drain); each cell reads and writes its own
-session's memory, so every session gets exactly what it would get alone.
+over the same cells.
+
+Several sessions share the pipeline in `lanes`: P sessions' segments travel side by side, so a step holds up to
+L x P cells, and cells of one layer share that layer's weights (a linear layer is one [P*T', in] @ [in, out] matmul
+per layer: P times the rows for the same weight traffic). Within a lane, sessions follow back to back, a new
+session's first segment right behind the previous one's last (no drain); sessions are spread over the lanes by
+their segment counts (longest first). Each cell reads and writes its own session's memory, so every session gets
+exactly what it would get alone. A lane whose queue is shorter than the longest idles at the end of the pipeline:
+its cells still compute (the batch stays rectangular) but never read memory and write only their own lane slot.
 
 Segments are padded to one length T' = sink + segment_size + M: a short segment is laid out as
 [sink, n real tokens, M memory tokens, pads], so causal attention keeps the pads invisible to every real and
@@ -17,8 +23,15 @@ from dataclasses import dataclass
 
 import torch
 
-from .memory import associative_read, delta_update
+from .kernels import kernels
+from .memory import project
 from .sequential import split_segments
+
+# Sessions side by side, per device type. On a 2-core CPU one lane is fastest (measured, 8 sessions x 4 segments:
+# 8 lanes 15% slower than 1 on the small preset, 2 lanes equal): the step is compute-bound already, and wider
+# activations fall out of cache. On a GPU, lanes are what fills the device (the activation buffer is
+# L x lanes x T' x d); that default is not measured yet.
+LANES = {"cpu": 1, "cuda": 16}
 
 
 @dataclass
@@ -33,55 +46,74 @@ class Stream:
 
 @dataclass
 class Entry:
-    """One segment in the pipeline."""
+    """One segment in the pipeline: segment `index` of `n` of its stream, tokens [start, end)."""
 
     stream: int
     start: int
     end: int
-    first: bool
+    index: int
+    n: int
+    first: bool  # the session's first written segment (no read, vbar = 0, gamma = 1)
 
 
 class DiagonalPipeline:
-    def __init__(self, model, streams: list[Stream], want_logits: bool):
+    def __init__(self, model, streams: list[Stream], want_logits: bool, max_lanes: int | None = None):
         self.model, self.streams, self.want_logits = model, streams, want_logits
-        cfg = model.config
+        cfg, dev = model.config, model.device
         self.M, self.sink = cfg.num_mem_tokens, int(cfg.use_sink)
         self.width = self.sink + cfg.segment_size + self.M  # T'
-        self.entries = self._entries()
+        max_lanes = max_lanes or LANES.get(dev.type, 1)
+        self.lanes = self._lanes(max(1, min(max_lanes, len(streams))))  # per lane: its entries in order
         self.stacked = model.stacked_blocks()
+        self.ops = kernels(model.compiled_kernels)
         self.W_write, self.b_write = model.fused_write()  # [L, d, d_mem + d + 1], [L, d_mem + d + 1]
         self.write_split = [model.W_mk.shape[1], model.W_mv.shape[1], 1]
-        self.A = torch.stack([s.A for s in streams]).to(model.device)  # [N, L, d_key, d]
-        self.z = torch.stack([s.z for s in streams]).to(model.device)  # [N, L, d_key]
-        L, d = model.n_layers, model.base.d_model
-        self.H = torch.zeros(L, self.width, d, device=model.device, dtype=model.dtype)  # slot l: input to layer l
-        positions = torch.arange(self.width, device=model.device).unsqueeze(0)  # [1, T']
-        self.rope = model.base.rope(self.H[:1], positions)
+        L, P, d = model.n_layers, len(self.lanes), model.base.d_model
+        # results, and the memory each (layer, lane) slot is working on (loaded when a session's segment arrives)
+        self.A = torch.stack([s.A for s in streams]).to(dev)  # [N, L, d_key, d]
+        self.z = torch.stack([s.z for s in streams]).to(dev)  # [N, L, d_key]
+        self.A_slot = self.A.new_zeros(L, P, *self.A.shape[2:])  # [L, P, d_key, d]
+        self.z_slot = self.z.new_zeros(L, P, self.z.shape[-1])  # [L, P, d_key]
+        self.H = torch.zeros(L, P, self.width, d, device=dev, dtype=model.dtype)  # slot l: input to layer l
+        positions = torch.arange(self.width, device=dev).repeat(P).unsqueeze(0)  # [1, P*T']: 0..T'-1 per lane
+        self.rope = model.base.rope(self.H[0, :1], positions)
         self.logits = [[] for _ in streams]
 
-    def _entries(self) -> list[Entry]:
-        entries = []
-        for i, stream in enumerate(self.streams):
-            for j, (start, end) in enumerate(split_segments(stream.ids.shape[0], self.model.config.segment_size)):
-                entries.append(Entry(i, start, end, stream.first and j == 0))
-        return entries
+    def _lanes(self, n_lanes: int) -> list[list[Entry]]:
+        """Streams spread over lanes, longest first onto the least loaded lane; a lane's streams keep their order."""
+        seg = self.model.config.segment_size
+        spans = [split_segments(s.ids.shape[0], seg) for s in self.streams]
+        load, members = [0] * n_lanes, [[] for _ in range(n_lanes)]
+        for i in sorted(range(len(spans)), key=lambda i: -len(spans[i])):
+            p = load.index(min(load))
+            members[p].append(i)
+            load[p] += len(spans[i])
+        return [[Entry(i, a, b, j, len(spans[i]), self.streams[i].first and j == 0)
+                 for i in sorted(lane) for j, (a, b) in enumerate(spans[i])] for lane in members]
 
     def run(self) -> tuple[list[torch.Tensor | None], torch.Tensor, torch.Tensor]:
         """Returns (per-stream logits [T, V] or None, A [N, L, d_key, d], z [N, L, d_key])."""
-        E, L = len(self.entries), self.model.n_layers
+        E, L = max(len(lane) for lane in self.lanes), self.model.n_layers
         for t in range(E + L - 1):
-            lo, hi = max(0, t - E + 1), min(L - 1, t)  # active layers lo..hi; cell at layer l holds entry t - l
-            if t < E:
-                self.H[0] = self._layer0_input(self.entries[t])
-            cells = [self.entries[t - layer] for layer in range(lo, hi + 1)]
-            out = self._step(cells, lo, hi + 1)  # [G, T', d]
+            lo, hi = max(0, t - E + 1), min(L - 1, t)  # active layers lo..hi; cell (l, p) holds lane p's entry t - l
+            for p, lane in enumerate(self.lanes):
+                if t < len(lane):
+                    self.H[0, p] = self._layer0_input(lane[t])
+            cells = [[self._entry(p, t - layer) for p in range(len(self.lanes))] for layer in range(lo, hi + 1)]
+            out = self._step(cells, lo, hi + 1)  # [G, P, T', d]
             if hi == L - 1 and self.want_logits:
-                self._collect_logits(cells[-1], out[-1])
+                for p, entry in enumerate(cells[-1]):
+                    if entry is not None:
+                        self._collect_logits(entry, out[-1, p])
             top = min(hi, L - 2)  # outputs of layers lo..top feed layers lo+1..top+1 at the next step
             if top >= lo:
                 self.H[lo + 1 : top + 2] = out[: top - lo + 1]
         logits = [torch.cat(parts) if parts else None for parts in self.logits]
         return logits, self.A, self.z
+
+    def _entry(self, lane: int, k: int) -> Entry | None:
+        entries = self.lanes[lane]
+        return entries[k] if 0 <= k < len(entries) else None
 
     def _layer0_input(self, entry: Entry) -> torch.Tensor:
         ids = self.streams[entry.stream].ids[entry.start : entry.end].unsqueeze(0)  # [1, n]
@@ -91,40 +123,57 @@ class DiagonalPipeline:
             h = torch.cat([h, h.new_zeros(self.width - h.shape[0], h.shape[1])])
         return h  # [T', d]
 
-    def _step(self, cells: list[Entry], lo: int, hi: int) -> torch.Tensor:
-        """Read, block and write for the cells at layers lo..hi-1 (one batched call each)."""
+    def _step(self, cells: list[list[Entry | None]], lo: int, hi: int) -> torch.Tensor:
+        """Read, block and write for the cells at layers lo..hi-1 of every lane (one batched call each)."""
         m, cfg = self.model, self.model.config
-        # decided on the host (no device sync): masks only when some cell is its session's first segment
-        n_first = sum(c.first for c in cells)
-        first = torch.tensor([c.first for c in cells], device=m.device) if n_first else None  # [G] bool
-        index = self._memory_index(cells, lo, hi)
-        A, z = self.A[index], self.z[index]  # [G, d_key, d], [G, d_key]
-        h = self.H[lo:hi]  # [G, T', d]
-        if n_first < len(cells):  # some cell reads
-            y = associative_read(h, m.W_mq[lo:hi], A, z, cfg.normalize_phi)  # [G, T', d]
-            h = h + (y if first is None else y * (~first).to(h.dtype).view(-1, 1, 1))
-        h = self.stacked(h, lo, hi, self.rope)
+        G, P, T = hi - lo, len(self.lanes), self.width
+        self._move_memories(cells, lo, load=True)
+        flat = [e for row in cells for e in row]  # G*P cells, layer-major: cell g*P + p is (lo + g, lane p)
+        # decided on the host (no device sync): masks only when some cell must not read (a session's first
+        # segment, or an idle lane slot, which also writes as if first so that its stale memory stays inert)
+        blank = [e is None or e.first for e in flat]
+        n_blank = sum(blank)
+        first = torch.tensor(blank, device=m.device) if n_blank else None  # [G*P] bool
+        A, z = self.A_slot[lo:hi].flatten(0, 1), self.z_slot[lo:hi].flatten(0, 1)  # [G*P, d_key, d], [G*P, d_key]
+        h = self.H[lo:hi].view(G, P * T, -1)  # [G, P*T', d]: a layer's lanes share its weights
+        if n_blank < len(flat):  # some cell reads
+            q = self.ops.feature_map(project(h, m.W_mq[lo:hi]), cfg.normalize_phi)  # [G, P*T', d_key]
+            y = self.ops.lookup(q.view(G * P, T, -1), A, z).to(h.dtype)  # [G*P, T', d]
+            if first is not None:
+                y = y * (~first).to(h.dtype).view(-1, 1, 1)
+            h = h + y.view(G, P * T, -1)
+        h = self.ops.blocks(self.stacked, h, lo, hi, self.rope, T)  # [G, P*T', d]
         if self.M:
-            mem = self._memory_outputs(cells, h)  # [G, M, d]
-            kvb = torch.baddbmm(self.b_write[lo:hi].unsqueeze(1), mem, self.W_write[lo:hi])  # [G, M, d_mem+d+1]
-            k, v, beta_logit = kvb.split(self.write_split, dim=-1)
-            A, z = delta_update(k, v, beta_logit, A, z, first, normalize=cfg.normalize_phi,
+            mem = self._memory_outputs(flat, h.view(G * P, T, -1))  # [G*P, M, d]
+            kvb = torch.baddbmm(self.b_write[lo:hi].unsqueeze(1), mem.reshape(G, P * self.M, -1),
+                                self.W_write[lo:hi])  # [G, P*M, d_mem + d + 1]
+            k, v, beta_logit = kvb.view(G * P, self.M, -1).split(self.write_split, dim=-1)
+            A, z = self.ops.delta_update(k, v, beta_logit, A, z, first, normalize=cfg.normalize_phi,
                                 correction=cfg.correction)
-            self.A[index] = A
-            self.z[index] = z
-        return h
+            self.A_slot[lo:hi] = A.view(G, P, *A.shape[1:])
+            self.z_slot[lo:hi] = z.view(G, P, -1)
+        self._move_memories(cells, lo, load=False)
+        return h.view(G, P, T, -1)
 
-    def _memory_index(self, cells: list[Entry], lo: int, hi: int):
-        """Where the cells' memories live in A [N, L, ...]: a plain slice when one session fills the step (the
-        common case, no gather), else (session ids [G], layer ids [G]) for advanced indexing."""
-        first_stream = cells[0].stream
-        if all(c.stream == first_stream for c in cells):
-            return (first_stream, slice(lo, hi))
-        device = self.model.device
-        return (torch.tensor([c.stream for c in cells], device=device), torch.arange(lo, hi, device=device))
+    def _move_memories(self, cells: list[list[Entry | None]], lo: int, load: bool) -> None:
+        """A session's memory enters its lane slot with its first segment here and leaves with its last: copies at
+        session boundaries only, never a gather per step."""
+        for g, row in enumerate(cells):
+            layer = lo + g
+            for p, e in enumerate(row):
+                if e is None:
+                    continue
+                if load and e.index == 0:
+                    self.A_slot[layer, p] = self.A[e.stream, layer]
+                    self.z_slot[layer, p] = self.z[e.stream, layer]
+                elif not load and e.index == e.n - 1:
+                    self.A[e.stream, layer] = self.A_slot[layer, p]
+                    self.z[e.stream, layer] = self.z_slot[layer, p]
 
-    def _memory_outputs(self, cells: list[Entry], h: torch.Tensor) -> torch.Tensor:
-        starts = [self.sink + c.end - c.start for c in cells]
+    def _memory_outputs(self, flat: list[Entry | None], h: torch.Tensor) -> torch.Tensor:
+        """The M memory-token rows of each cell of h [G*P, T', d] -> [G*P, M, d] (idle cells: any rows)."""
+        full = self.sink + self.model.config.segment_size
+        starts = [self.sink + e.end - e.start if e is not None else full for e in flat]
         if len(set(starts)) == 1:
             return h[:, starts[0] : starts[0] + self.M]
         return torch.stack([h[g, s : s + self.M] for g, s in enumerate(starts)])
@@ -135,9 +184,9 @@ class DiagonalPipeline:
         self.logits[entry.stream].append(logits)
 
 
-def run_streams(model, streams: list[Stream], want_logits: bool = False):
-    """Several sessions through one shared pipeline; see DiagonalPipeline.run."""
-    return DiagonalPipeline(model, streams, want_logits).run()
+def run_streams(model, streams: list[Stream], want_logits: bool = False, max_lanes: int | None = None):
+    """Several sessions through one shared pipeline, up to max_lanes (default: LANES of the device) side by side."""
+    return DiagonalPipeline(model, streams, want_logits, max_lanes).run()
 
 
 def run_diagonal(

@@ -105,8 +105,11 @@ class ArmtEngineMixin:
         return self._advanced(state, tokens, n_write, A[0], z[0])
 
     @torch.no_grad()
-    def ingest_many(self, states: Sequence[MemoryState], ids_list: Sequence[IdsLike]) -> list[MemoryState]:
-        """`ingest` for several sessions at once through one diagonal pipeline (no drain between sessions).
+    def ingest_many(self, states: Sequence[MemoryState], ids_list: Sequence[IdsLike],
+                    lanes: int | None = None) -> list[MemoryState]:
+        """`ingest` for several sessions at once through one diagonal pipeline: up to `lanes` sessions side by side
+        sharing each layer's weights (default model/diagonal.py LANES: 1 on a CPU, 16 on a GPU), more following
+        back to back in each lane (no drain between them).
 
         Each result equals `ingest(states[i], ids_list[i])` run alone.
         """
@@ -118,7 +121,7 @@ class ArmtEngineMixin:
         streams = [Stream(torch.tensor(tokens[:n_write], dtype=torch.int64, device=self.device),  # [n_write]
                           state.A.to(self.device), state.z.to(self.device), state.segments == 0)
                    for state, tokens, n_write in plans if n_write]
-        _, A, z = run_streams(self, streams) if streams else (None, None, None)
+        _, A, z = run_streams(self, streams, max_lanes=lanes) if streams else (None, None, None)
         results, k = [], 0
         for state, tokens, n_write in plans:
             if n_write:

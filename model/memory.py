@@ -67,10 +67,16 @@ def associative_read(
     h: [B, T, d] (model dtype); W_q: [d_mem, d] or [B, d_mem, d]; A: [B, d_key, d]; z: [B, d_key]
     -> [B, T, d] in h's dtype.
     """
-    q = feature_map(project(h, W_q), normalize).to(A.dtype)  # [B, T, d_key]
+    return associative_lookup(feature_map(project(h, W_q), normalize), A, z).to(h.dtype)
+
+
+def associative_lookup(q: torch.Tensor, A: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """phi(q) A / (phi(q) . z + eps) from features q [B, T, d_key] -> [B, T, d] in A's dtype (the diagonal
+    executor computes the features of several lanes in one projection, then looks up per cell)."""
+    q = q.to(A.dtype)
     num = torch.bmm(q, A)  # [B, T, d]
     denom = torch.bmm(q, z.unsqueeze(-1)) + EPS  # [B, T, 1]
-    return (num / denom).to(h.dtype)
+    return num / denom
 
 
 def delta_write(

@@ -30,25 +30,34 @@ class StackedBlocks:
     scales: list[float]  # per-layer softmax scale (differs per layer only with GPT-2 inverse-layer-idx scaling)
 
     def __call__(
-        self, h: torch.Tensor, lo: int, hi: int, rope: tuple[torch.Tensor, torch.Tensor] | None
+        self, h: torch.Tensor, lo: int, hi: int, rope: tuple[torch.Tensor, torch.Tensor] | None,
+        seq_len: int | None = None,
     ) -> torch.Tensor:
-        """h [G, T, d] with G = hi - lo cells at layers lo..hi-1 -> block outputs [G, T, d]."""
-        if self.kind == "llama":
-            return _llama_blocks(self, h, lo, hi, rope)
-        return _gpt2_blocks(self, h, lo, hi)
+        """h [G, R, d] with G = hi - lo cells at layers lo..hi-1 -> block outputs [G, R, d].
 
-    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-        """q [G, T, Hq, hd], k/v [G, T, Hkv, hd] (rotated already) of layers lo..hi-1 -> [G, T, Hq*hd]."""
-        G, T = q.shape[:2]
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [G, H, T, hd]
+        A layer's R rows may hold several lanes' segments of seq_len tokens each (R = lanes x seq_len): they share
+        the layer's weights in every matmul and attend only within their own segment. rope: (cos, sin) [1, R, hd].
+        """
+        if self.kind == "llama":
+            return _llama_blocks(self, h, lo, hi, rope, seq_len)
+        return _gpt2_blocks(self, h, lo, hi, seq_len)
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: int, hi: int,
+                  seq_len: int | None = None) -> torch.Tensor:
+        """q [G, R, Hq, hd], k/v [G, R, Hkv, hd] (rotated already) of layers lo..hi-1 -> [G, R, Hq*hd]; each run
+        of seq_len rows (default all R) is one causal sequence."""
+        G, R = q.shape[:2]
+        T = seq_len or R
         scales = self.scales[lo:hi]
         softmax_scale = scales[0]
-        if any(s != softmax_scale for s in scales):  # fold each cell's own scale into its queries
+        if any(s != softmax_scale for s in scales):  # fold each layer's own scale into its queries
             q = q * torch.tensor(scales, device=q.device, dtype=q.dtype).view(G, 1, 1, 1)
             softmax_scale = 1.0
+        # [G, R, H, hd] -> [G * R/T, H, T, hd]: one attention batch row per (layer, lane) cell
+        q, k, v = (x.reshape(-1, T, *x.shape[2:]).transpose(1, 2) for x in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=softmax_scale,
-                                             enable_gqa=self.n_kv_heads != self.n_heads)  # [G, Hq, T, hd]
-        return out.transpose(1, 2).reshape(G, T, self.n_heads * self.head_dim)  # [G, T, Hq*hd]
+                                             enable_gqa=self.n_kv_heads != self.n_heads)  # [G * R/T, Hq, T, hd]
+        return out.transpose(1, 2).reshape(G, R, self.n_heads * self.head_dim)  # [G, R, Hq*hd]
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -61,7 +70,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
 
-def _llama_blocks(sb: StackedBlocks, h: torch.Tensor, lo: int, hi: int, rope) -> torch.Tensor:
+def _llama_blocks(sb: StackedBlocks, h: torch.Tensor, lo: int, hi: int, rope, seq_len: int | None) -> torch.Tensor:
     w, G, T = sb.w, h.shape[0], h.shape[1]
     opt = lambda name: w[name][lo:hi] if name in w else None  # noqa: E731  (absent biases)
     x = _rms_norm(h, w["ln1"][lo:hi], sb.eps)
@@ -72,7 +81,7 @@ def _llama_blocks(sb: StackedBlocks, h: torch.Tensor, lo: int, hi: int, rope) ->
     qk = _apply_rope(qkv[..., : nq + nkv].view(G, T, sb.n_heads + sb.n_kv_heads, sb.head_dim), cos, sin)
     q, k = qk.split([sb.n_heads, sb.n_kv_heads], dim=2)  # [G, T, Hq, hd], [G, T, Hkv, hd]
     v = qkv[..., nq + nkv :].view(G, T, sb.n_kv_heads, sb.head_dim)  # [G, T, Hkv, hd]
-    h = h + _linear(sb.attention(q, k, v, lo, hi), w["o"][lo:hi], opt("o_b"))
+    h = h + _linear(sb.attention(q, k, v, lo, hi, seq_len), w["o"][lo:hi], opt("o_b"))
     x = _rms_norm(h, w["ln2"][lo:hi], sb.eps)
     gate, up = _linear(x, w["gate_up"][lo:hi], opt("gate_up_b")).chunk(2, dim=-1)  # [G, T, ff] each
     return h + _linear(sb.act(gate) * up, w["down"][lo:hi], opt("down_b"))
@@ -95,13 +104,13 @@ def _layer_norm(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: 
     return F.layer_norm(h, h.shape[-1:], eps=eps) * weight.unsqueeze(1) + bias.unsqueeze(1)
 
 
-def _gpt2_blocks(sb: StackedBlocks, h: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+def _gpt2_blocks(sb: StackedBlocks, h: torch.Tensor, lo: int, hi: int, seq_len: int | None) -> torch.Tensor:
     w = sb.w
     x = _layer_norm(h, w["ln1"][lo:hi], w["ln1_b"][lo:hi], sb.eps)
     G, T = h.shape[:2]
     qkv = _linear(x, w["qkv"][lo:hi], w["qkv_b"][lo:hi]).view(G, T, 3, sb.n_heads, sb.head_dim)  # [G, T, 3, H, hd]
     q, k, v = qkv.unbind(2)  # [G, T, H, hd] each
-    h = h + _linear(sb.attention(q, k, v, lo, hi), w["o"][lo:hi], w["o_b"][lo:hi])
+    h = h + _linear(sb.attention(q, k, v, lo, hi, seq_len), w["o"][lo:hi], w["o_b"][lo:hi])
     x = _layer_norm(h, w["ln2"][lo:hi], w["ln2_b"][lo:hi], sb.eps)
     x = sb.act(_linear(x, w["fc"][lo:hi], w["fc_b"][lo:hi]))
     return h + _linear(x, w["proj"][lo:hi], w["proj_b"][lo:hi])

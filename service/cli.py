@@ -140,6 +140,8 @@ def bench_ingest(
     base_max_tokens: int = typer.Option(40_000, help="longest document for the bare full-attention base"),
     device: str = "cpu",
     bf16: bool = typer.Option(False, help="bfloat16 weights (the memory state stays fp32)"),
+    compile: bool = typer.Option(False, "--compile", help="also time the diagonal executor with torch.compile'd "
+                                                         "kernels (model/kernels.py; needs a C++ compiler on CPU)"),
     out: Path = typer.Option(Path("runs/bench-ingest.json"), help="JSON results"),
     plot: Path = typer.Option(Path("runs/bench-ingest.png"), help="PNG of time vs length (needs matplotlib)"),
 ) -> None:
@@ -153,7 +155,7 @@ def bench_ingest(
         raise typer.Exit(2)
     lengths = [int(x) for x in segments.split(",") if x.strip()]
     dtype = torch.bfloat16 if bf16 else torch.float32
-    run(preset, lengths, sessions, session_segments, repeats, base_max_tokens, dtype, device, out, plot)
+    run(preset, lengths, sessions, session_segments, repeats, base_max_tokens, dtype, device, out, plot, compile)
 
 
 @app.command()

@@ -84,13 +84,16 @@ def test_ingest_and_generate_through_diagonal(kind, tmp_path):
         list(model.generate(seq, question, max_new_tokens=6, executor="sequential"))
 
 
-def test_sessions_share_the_pipeline_and_get_their_own_results(kind, tmp_path):
+@pytest.mark.parametrize("lanes", [1, 2, 16])
+def test_sessions_share_the_pipeline_and_get_their_own_results(kind, tmp_path, lanes):
+    """1 lane: sessions back to back; 2: three per lane, lanes of unequal length (idle slots at the end); 16: one
+    session per lane."""
     model = _model(kind, tmp_path)
     rng = random.Random(1)
     docs = [[rng.randrange(VOCAB - 2) for _ in range(n)] for n in (41, 7, 100, 0, 10, 55)]
     # some sessions start with history and a pending tail, some empty
     starts = [model.ingest(model.new_state(), [1] * k) for k in (0, 13, 25, 3, 0, 10)]
-    together = model.ingest_many(starts, docs)
+    together = model.ingest_many(starts, docs, lanes=lanes)
     for start, doc, got in zip(starts, docs, together):
         alone = model.ingest(start, doc, executor="sequential")
         _close(got.A, alone.A)

@@ -1,0 +1,65 @@
+"""Does torch.compile change the diagonal / sequential ratio? Both executors eager, then both compiled.
+
+The diagonal executor compiles through its own switch (model/kernels.py, `model.compiled_kernels`); for the
+sequential one this script compiles the HF decoder blocks in place and the memory read / write functions the
+sequential path calls, so that the two compiled runs fuse comparable work. Same model, same tokens, one process:
+
+    .venv/bin/python -m bench.compile_ab --preset small --segments 64
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+
+def timed(fn, repeats: int) -> float:
+    fn()  # warm-up (and compilation)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def main() -> None:
+    import model.armt as armt
+    from model.bench import build
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--segments", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    m = build(args.preset)
+    ids = torch.randint(0, m.base.vocab_size, (1, args.segments * m.config.segment_size))
+
+    def ingest(executor):
+        return lambda: m.ingest(m.new_state(), ids, executor=executor)
+
+    expected = ingest("sequential")()
+    ms = {"sequential": timed(ingest("sequential"), args.repeats), "diagonal": timed(ingest("diagonal"), args.repeats)}
+    m.compiled_kernels = True
+    ms["diagonal compiled"] = timed(ingest("diagonal"), args.repeats)
+    for block in m.base.blocks:
+        block.compile(dynamic=False)
+    armt.associative_read = torch.compile(armt.associative_read, dynamic=False)
+    armt.delta_write = torch.compile(armt.delta_write, dynamic=False)
+    got = ingest("sequential")()
+    torch.testing.assert_close(got.A, expected.A, rtol=1e-4, atol=1e-4)
+    ms["sequential compiled"] = timed(ingest("sequential"), args.repeats)
+    print(f"{args.preset}, {args.segments} segments, {torch.get_num_threads()} threads: "
+          + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in ms.items()))
+    print(f"diagonal / sequential: eager {ms['sequential'] / ms['diagonal']:.2f}x, both compiled "
+          f"{ms['sequential compiled'] / ms['diagonal compiled']:.2f}x; compile speeds diagonal up "
+          f"{ms['diagonal'] / ms['diagonal compiled']:.2f}x, "
+          f"sequential {ms['sequential'] / ms['sequential compiled']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
