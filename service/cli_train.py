@@ -31,6 +31,9 @@ def train(
                                              "(each question takes the room of two key-value pairs)"),
     advance_at: float = typer.Option(0.9, help="curriculum: move to the next stage when the running and held-out "
                                                "accuracy reach this"),
+    stage_minutes: float = typer.Option(0.0, help="curriculum: also advance after this many minutes in a stage "
+                                                  "(0: only on accuracy)"),
+    ask_first: float = typer.Option(0.0, help="remember: share of training questions about the first pair"),
     layers: int = 4, hidden: int = 128, heads: int = 4, ffn: int = 512,
     num_mem_tokens: int = 16, d_mem: int = 32, segment_size: int = 64, vocab: int = 3000,
     seed: int = 0,
@@ -59,7 +62,8 @@ def train(
     model = model.to(device=device, dtype=torch.bfloat16 if bf16 else torch.float32)
     cfg = _train_config(task, stages, questions, batch_size=batch_size, aux_batch_size=aux_batch_size,
                         copy_batch_size=copy_batch_size, probe_layer=probe_layer, probe_weight=probe_weight, lr=lr,
-                        warmup=warmup, advance_at=advance_at, minutes=minutes, max_steps=max_steps, seed=seed,
+                        warmup=warmup, advance_at=advance_at, stage_minutes=stage_minutes, ask_first=ask_first,
+                        minutes=minutes, max_steps=max_steps, seed=seed,
                         ca_k=ca_k, ca_variant=ca_variant, ponder_tau=ponder_tau)
     trainer = Trainer(model, Codec(model.tokenizer) if model.tokenizer is not None else None, cfg, out)
     if resume and not trainer.load_checkpoint():

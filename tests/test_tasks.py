@@ -70,10 +70,16 @@ def test_qa2_answers_follow_the_carrier(codec):
 
 
 def test_remember_and_key_gap_value(codec):
-    s = remember(codec, random.Random(0), 256)
-    text = codec.tokenizer.decode(s.ids)
-    key = text.rsplit("What is key ", 1)[1].split("?")[0]
-    assert text.rsplit(f" key {key} is ", 1)[1].split(".")[0] == s.answer
+    for seed in range(20):
+        s = remember(codec, random.Random(seed), 256, "eval")
+        text = codec.tokenizer.decode(s.ids)
+        assert len(s) == 256 and len(re.findall(r" key [a-z]+ is [a-z]+\.", text)) == 4  # a pair per 64 tokens
+        key = text.rsplit("What is key ", 1)[1].split("?")[0]
+        assert text.rsplit(f" key {key} is ", 1)[1].split(".")[0] == s.answer
+        assert [codec.tokenizer.id_to_token(tok)[1:] for _, tok in s.probes] == re.findall(r" key ([a-z]+) is", text)
+        first = remember(codec, random.Random(seed), 512, "train", ask_first=1.0)
+        first_text = codec.tokenizer.decode(first.ids)
+        assert first_text.rsplit("What is key ", 1)[1].split("?")[0] == re.findall(r" key ([a-z]+) is", first_text)[0]
     a = key_gap_value(codec, random.Random(1), 64)
     assert len(a) <= 64 and len(a.answers) == 1 and a.probes
 

@@ -48,6 +48,17 @@ def test_resume_continues_exactly(tokenizer, tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 
 
+def test_stage_minutes_advance_a_stage_that_does_not_pass(tokenizer, tmp_path):
+    """A time-boxed curriculum: the stage moves on after stage_minutes even though accuracy never reaches 2.0."""
+    cfg = config(max_steps=3, stages=(1, 2), stage_minutes=1e-9, advance_at=2.0)
+    trainer = Trainer(tiny(tokenizer), Codec(tokenizer), cfg, tmp_path)
+    rows = []
+    trainer.run(rows.append)
+    events = [r for r in rows if "event" in r]
+    assert [(e["step"], e.get("timed_out"), e["advanced_to"]) for e in events] == [(2, True, 2)]
+    assert trainer.stage == 2 and trainer.state.stage_seconds > 0
+
+
 def test_training_moves_the_memory_and_saves_a_loadable_model(tokenizer, tmp_path):
     model = tiny(tokenizer)
     before = model.W_mv.detach().clone()

@@ -9,7 +9,7 @@ TASK_NAMES = ("qa1", "qa2", "remember")
 def generate(task: str, codec: Codec, rng, n_tokens: int, split: str | None = "train", **kw) -> Sample:
     """One sample of `task` with (about) n_tokens tokens; deterministic in `rng`."""
     if task == "remember":
-        return remember(codec, rng, n_tokens, **kw)
+        return remember(codec, rng, n_tokens, split or "train", **kw)
     return make(task, codec, rng, n_tokens, split, **kw)
 
 

@@ -1,7 +1,11 @@
 """Associative retrieval ("remember", ARMT paper) and the key-gap-value auxiliary task used in training.
 
-remember: a stream of key-value pairs " key 37 is 82." and, at the end, " What is key 37?" -> " 82": the memory
-must hold every pair it read, the latest value of a repeated key wins.
+remember: key-value pairs " key river is table." spread through prose, one per segment on average as in the
+paper's task (one pair per segment, curriculum 1..200 pairs), and at the end " What is key river?" -> " table":
+the memory must hold every pair it read, the latest value of a repeated key wins. Keys and values are two disjoint
+sets of 100 single-token words of the model's own tokenizer (numbers split into 2-3 byte-level tokens, which made
+a pair a 7-9 token pattern to bind), so a 64-segment document holds about 48 distinct keys, and no answer can be
+guessed from the last segment unless its pair happens to be there.
 key-gap-value (training aid, research/default-model-recipe.md): within one segment, keys drawn from the task's
 name tokens, each followed by a gap of 2-6 random tokens and a value token; a final key asks for its latest value.
 It exercises the same "bind a value to the key a few tokens back" step that QA needs.
@@ -10,28 +14,54 @@ from __future__ import annotations
 
 import random
 
-from .babi import PEOPLE, PLACES
-from .sample import Codec, Piece, Sample, assemble
+from .babi import PEOPLE, PLACES, TASK_WORDS
+from .sample import Codec, Piece, Sample, assemble, fact_piece
+
+TOKENS_PER_PAIR = 64  # one pair per default-model segment when the caller does not say how many
+N_WORDS = 100  # keys, and values
 
 
-def remember(codec: Codec, rng: random.Random, n_tokens: int, split: str | None = None,
-             n_keys: int = 100, n_questions: int = 1) -> Sample:
-    """Pairs until the document (with its question) reaches about n_tokens; asks about keys that were written."""
-    value: dict[int, int] = {}
+def remember(codec: Codec, rng: random.Random, n_tokens: int, split: str = "train", n_pairs: int | None = None,
+             n_questions: int = 1, ask_first: float = 0.0) -> Sample:
+    """n_pairs pairs (default one per TOKENS_PER_PAIR tokens) at random sentence boundaries of `split`'s prose,
+    then questions about keys that were written; exactly n_tokens long. The name-binding probe at each value
+    names its key (as for QA facts). ask_first (training only): the probability that the question is about the
+    first pair's key, which is rarely in the last segment: a question the last segment cannot answer by itself
+    pushes training to use the memory (uniform questions let a model stop at answering from the last segment)."""
+    keys, values = pair_words(codec)
+    n_pairs = n_pairs or max(1, n_tokens // TOKENS_PER_PAIR)
+    value: dict[str, str] = {}
     facts: list[Piece] = []
-    used = 0
-    budget = n_tokens - 12 * n_questions
-    while True:
-        key, val = rng.randrange(n_keys), rng.randrange(n_keys)
-        ids = codec.encode(f" key {key} is {val}.")
-        if used + len(ids) > budget and facts:
-            break
-        facts.append(Piece(ids))
+    for _ in range(n_pairs):
+        key, val = rng.choice(keys), rng.choice(values)
+        facts.append(fact_piece(codec, f"key {key} is {val}.", [(val, key)]))
         value[key] = val
-        used += len(ids)
     asked = rng.sample(sorted(value), min(n_questions, len(value)))
-    questions = [(Piece(codec.encode(f" What is key {k}?")), str(value[k])) for k in asked]
-    return assemble(codec, rng, None, facts, questions, n_tokens)
+    if ask_first and rng.random() < ask_first:
+        first_key = codec.tokenizer.decode(facts[0].ids).split()[1]  # " key <word> is <value>."
+        asked = [first_key] + [k for k in asked if k != first_key][: n_questions - 1]
+    questions = [(Piece(codec.encode(f" What is key {k}?")), value[k]) for k in asked]
+    return assemble(codec, rng, split, facts, questions, n_tokens)
+
+
+def pair_words(codec: Codec) -> tuple[list[str], list[str]]:
+    """(keys, values): the 2 x N_WORDS most frequent whole words of the training prose (lowercase, 4+ letters) that
+    the tokenizer keeps as one token, task words left out, dealt alternately; fixed for a given tokenizer."""
+    cached = codec.__dict__.get("_pair_words")
+    if cached is None:
+        from collections import Counter
+
+        from .babi import DROPS, GRABS, MOVES
+        from .prose import train_sentences
+
+        taken = {w.lower() for phrase in TASK_WORDS + MOVES + GRABS + DROPS for w in phrase.split()} | {"key", "what"}
+        counts = Counter(w for line in train_sentences() for w in line.split() if len(w) >= 4 and w.isalpha()
+                         and w.islower() and w not in taken)
+        words = [w for w, _ in counts.most_common(4 * N_WORDS) if len(codec.encode(" " + w)) == 1][: 2 * N_WORDS]
+        if len(words) < 2 * N_WORDS:
+            raise ValueError(f"the tokenizer has only {len(words)} single-token words for the remember task")
+        cached = codec.__dict__["_pair_words"] = (words[0::2], words[1::2])
+    return cached
 
 
 def key_gap_value(codec: Codec, rng: random.Random, n_tokens: int) -> Sample:

@@ -45,6 +45,8 @@ class TrainConfig:
     probe_max_stage: int = 2  # the probe applies to documents of at most this many segments
     replay: float = 0.3
     advance_at: float = 0.9
+    stage_minutes: float = 0.0  # also advance after this long in one stage (0: only on accuracy)
+    ask_first: float = 0.0  # remember: share of training questions about the document's first pair (not its last)
     heldout: int = 256
     check_every: int = 20
     minutes: float = 45.0
@@ -63,6 +65,7 @@ class TrainState:
     seconds: float = 0.0
     tokens: int = 0
     window: list = field(default_factory=list)  # recent (correct, questions) of the current stage
+    stage_seconds: float = 0.0  # training time when the current stage began
 
 
 class Trainer:
@@ -138,6 +141,8 @@ class Trainer:
         if cfg.task == "ca":
             return ca_batch(self.rng, cfg.batch_size, cfg.ca_k, cfg.ca_variant)
         kw = {"distinct": True} if stage == 0 and cfg.dense_distinct and cfg.task == "qa1" else {}
+        if cfg.task == "remember" and cfg.ask_first:
+            kw = {"ask_first": cfg.ask_first}
         return task_batch(self.codec, self.rng, cfg.task, stage, cfg.batch_size, self.S, cfg.questions, **kw)
 
     def _heldout(self, seed: int) -> dict:
@@ -155,17 +160,26 @@ class Trainer:
         return sum(c for c, _ in self.window) / sum(q for _, q in self.window)
 
     def maybe_advance(self) -> dict | None:
-        """Held-out check when the running accuracy passes; advance the stage when both pass."""
+        """Held-out check when the running accuracy passes; advance the stage when both pass, or when the stage
+        has had `stage_minutes` (a time-boxed curriculum: a hard stage must not eat the whole budget)."""
         cfg, st = self.cfg, self.state
         last = st.stage_index + 1 == len(cfg.stages)
+        if not last and cfg.stage_minutes and st.seconds - st.stage_seconds >= cfg.stage_minutes * 60:
+            return self._advance({"step": st.step, "stage": self.stage, "timed_out": True})
         if st.step % (cfg.check_every * (5 if last else 1)) or self.running_accuracy() < cfg.advance_at:
             return None
         held = self._heldout(10_000 + st.step)
         event = {"step": st.step, "stage": self.stage, "heldout": held["accuracy"]}
-        if held["accuracy"] >= cfg.advance_at and st.stage_index + 1 < len(cfg.stages):
-            st.stage_index += 1
-            self.window.clear()
-            event["advanced_to"] = self.stage
+        if held["accuracy"] >= cfg.advance_at and not last:
+            self._advance(event)
+        return event
+
+    def _advance(self, event: dict) -> dict:
+        st = self.state
+        st.stage_index += 1
+        st.stage_seconds = st.seconds
+        self.window.clear()
+        event["advanced_to"] = self.stage
         return event
 
     # ------------------------------------------------------------------ checkpoints
