@@ -50,6 +50,7 @@ def train(
     ponder_tau: float = typer.Option(1e-3, help="ACT: weight of the ponder cost"),
 ) -> None:
     """Curriculum training with back-propagation through the memory (sequential order); see model/training."""
+    options = dict(locals())  # the trainer's settings are the options named like TrainConfig's fields
     import torch
 
     from model.tasks import Codec
@@ -60,11 +61,7 @@ def train(
                             dict(layers=layers, hidden=hidden, heads=heads, ffn=ffn, num_mem_tokens=num_mem_tokens,
                                  d_mem=d_mem, act=act, max_hop=max_hop, act_fixed=act_fixed), segment_size)
     model = model.to(device=device, dtype=torch.bfloat16 if bf16 else torch.float32)
-    cfg = _train_config(task, stages, questions, batch_size=batch_size, aux_batch_size=aux_batch_size,
-                        copy_batch_size=copy_batch_size, probe_layer=probe_layer, probe_weight=probe_weight, lr=lr,
-                        warmup=warmup, advance_at=advance_at, stage_minutes=stage_minutes, ask_first=ask_first,
-                        minutes=minutes, max_steps=max_steps, seed=seed,
-                        ca_k=ca_k, ca_variant=ca_variant, ponder_tau=ponder_tau)
+    cfg = _train_config(options)
     trainer = Trainer(model, Codec(model.tokenizer) if model.tokenizer is not None else None, cfg, out)
     if resume and not trainer.load_checkpoint():
         typer.echo(f"error: no checkpoint in {out / 'checkpoint'}", err=True)
@@ -76,16 +73,20 @@ def train(
     _save(model, trainer, out, export)
 
 
-def _train_config(task: str, stages: str, questions: int | None, **options):
-    """The trainer's config with the task's own rules: CA trains one fixed-length stage without auxiliary batches
-    or the name-binding probe; remember asks one question per document (each takes the room of two pairs)."""
+def _train_config(options: dict):
+    """The trainer's config from train()'s options of the same names, with the task's own rules: CA trains one
+    fixed-length stage without auxiliary batches or the name-binding probe; remember asks one question per document
+    (each takes the room of two pairs)."""
+    from dataclasses import fields
+
     from model.training import TrainConfig
 
-    if task == "ca":
-        stages = "1"
-        options.update(aux_batch_size=0, copy_batch_size=0, probe_weight=0.0)
-    return TrainConfig(task=task, stages=tuple(int(s) for s in stages.split(",")),
-                       questions=questions or (1 if task == "remember" else 4), **options)
+    cfg = {f.name: options[f.name] for f in fields(TrainConfig) if f.name in options}
+    if cfg["task"] == "ca":
+        cfg.update(stages="1", aux_batch_size=0, copy_batch_size=0, probe_weight=0.0)
+    cfg["stages"] = tuple(int(s) for s in cfg["stages"].split(","))
+    cfg["questions"] = cfg["questions"] or (1 if cfg["task"] == "remember" else 4)
+    return TrainConfig(**cfg)
 
 
 def _training_model(task: str, init: Path | None, arch: str, ca_variant: str, vocab: int, seed: int, shape: dict,

@@ -13,8 +13,10 @@ It exercises the same "bind a value to the key a few tokens back" step that QA n
 from __future__ import annotations
 
 import random
+from collections import Counter
 
-from .babi import PEOPLE, PLACES, TASK_WORDS
+from .babi import DROPS, GRABS, MOVES, PEOPLE, PLACES, TASK_WORDS
+from .prose import train_sentences
 from .sample import Codec, Piece, Sample, assemble, fact_piece
 
 TOKENS_PER_PAIR = 64  # one pair per default-model segment when the caller does not say how many
@@ -49,11 +51,6 @@ def pair_words(codec: Codec) -> tuple[list[str], list[str]]:
     the tokenizer keeps as one token, task words left out, dealt alternately; fixed for a given tokenizer."""
     cached = codec.__dict__.get("_pair_words")
     if cached is None:
-        from collections import Counter
-
-        from .babi import DROPS, GRABS, MOVES
-        from .prose import train_sentences
-
         taken = {w.lower() for phrase in TASK_WORDS + MOVES + GRABS + DROPS for w in phrase.split()} | {"key", "what"}
         counts = Counter(w for line in train_sentences() for w in line.split() if len(w) >= 4 and w.isalpha()
                          and w.islower() and w not in taken)
