@@ -24,24 +24,28 @@ N_WORDS = 100  # keys, and values
 
 
 def remember(codec: Codec, rng: random.Random, n_tokens: int, split: str = "train", n_pairs: int | None = None,
-             n_questions: int = 1, ask_first: float = 0.0) -> Sample:
+             n_questions: int = 1, ask_past: float = 0.0) -> Sample:
     """n_pairs pairs (default one per TOKENS_PER_PAIR tokens) at random sentence boundaries of `split`'s prose,
     then questions about keys that were written; exactly n_tokens long. The name-binding probe at each value
-    names its key (as for QA facts). ask_first (training only): the probability that the question is about the
-    first pair's key, which is rarely in the last segment: a question the last segment cannot answer by itself
-    pushes training to use the memory (uniform questions let a model stop at answering from the last segment)."""
+    names its key (as for QA facts). ask_past (training only): the probability that the question is about a pair
+    drawn uniformly from all but the last one written. Trained on uniform questions, a model stops at answering
+    from the last segment (the no-memory level); trained on questions about the first pair only, it learns to
+    repeat the first value it wrote whatever the key. Questions about any earlier pair need the memory and the
+    key both."""
     keys, values = pair_words(codec)
     n_pairs = n_pairs or max(1, n_tokens // TOKENS_PER_PAIR)
     value: dict[str, str] = {}
     facts: list[Piece] = []
+    written: list[str] = []  # the keys in writing order
     for _ in range(n_pairs):
         key, val = rng.choice(keys), rng.choice(values)
         facts.append(fact_piece(codec, f"key {key} is {val}.", [(val, key)]))
         value[key] = val
+        written.append(key)
     asked = rng.sample(sorted(value), min(n_questions, len(value)))
-    if ask_first and rng.random() < ask_first:
-        first_key = codec.tokenizer.decode(facts[0].ids).split()[1]  # " key <word> is <value>."
-        asked = [first_key] + [k for k in asked if k != first_key][: n_questions - 1]
+    if ask_past and rng.random() < ask_past and n_pairs > 1:
+        chosen = written[rng.randrange(n_pairs - 1)]
+        asked = [chosen] + [k for k in asked if k != chosen][: n_questions - 1]
     questions = [(Piece(codec.encode(f" What is key {k}?")), value[k]) for k in asked]
     return assemble(codec, rng, split, facts, questions, n_tokens)
 

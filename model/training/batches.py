@@ -70,8 +70,9 @@ def task_batch(codec: Codec, rng: random.Random, task: str, stage: int, batch_si
 def document(codec: Codec, rng: random.Random, task: str, stage: int, n_tokens: int, questions: int,
              split: str, **kw) -> Sample:
     """One document: 2-5 facts (QA2: 4-8; the dense stage: 4-7), fewer when facts and questions overflow it."""
-    if task == "remember":
-        return generate(task, codec, rng, n_tokens, split, n_pairs=max(stage, 1), n_questions=questions, **kw)
+    if task == "remember":  # one pair per segment; the dense stage packs 4-7 pairs (and questions) in one
+        n_pairs = rng.randint(4, 7) if stage == 0 else stage
+        return generate(task, codec, rng, n_tokens, split, n_pairs=n_pairs, n_questions=questions, **kw)
     lo, hi = (4, 7) if stage == 0 else FACTS.get(task, (2, 5))
     for n_facts in range(rng.randint(lo, hi), 0, -1):
         try:

@@ -46,7 +46,7 @@ class TrainConfig:
     replay: float = 0.3
     advance_at: float = 0.9
     stage_minutes: float = 0.0  # also advance after this long in one stage (0: only on accuracy)
-    ask_first: float = 0.0  # remember: share of training questions about the document's first pair (not its last)
+    ask_past: float = 0.0  # remember: share of training questions about any pair but the last (uniformly)
     heldout: int = 256
     check_every: int = 20
     minutes: float = 45.0
@@ -141,8 +141,8 @@ class Trainer:
         if cfg.task == "ca":
             return ca_batch(self.rng, cfg.batch_size, cfg.ca_k, cfg.ca_variant)
         kw = {"distinct": True} if stage == 0 and cfg.dense_distinct and cfg.task == "qa1" else {}
-        if cfg.task == "remember" and cfg.ask_first:
-            kw = {"ask_first": cfg.ask_first}
+        if cfg.task == "remember" and cfg.ask_past:
+            kw = {"ask_past": cfg.ask_past}
         return task_batch(self.codec, self.rng, cfg.task, stage, cfg.batch_size, self.S, cfg.questions, **kw)
 
     def _heldout(self, seed: int) -> dict:
