@@ -9,26 +9,14 @@ sequential path calls, so that the two compiled runs fuse comparable work. Same 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
-
-
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up (and compilation)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 @torch.no_grad()
 def main() -> None:
     import model.armt as armt
-    from model.bench import build
+    from model.bench import build, timed
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="small")
@@ -43,16 +31,16 @@ def main() -> None:
         return lambda: m.ingest(m.new_state(), ids, executor=executor)
 
     expected = ingest("sequential")()
-    ms = {"sequential": timed(ingest("sequential"), args.repeats), "diagonal": timed(ingest("diagonal"), args.repeats)}
+    ms = {name: timed(ingest(name), m.device, args.repeats) for name in ("sequential", "diagonal")}
     m.compiled_kernels = True
-    ms["diagonal compiled"] = timed(ingest("diagonal"), args.repeats)
+    ms["diagonal compiled"] = timed(ingest("diagonal"), m.device, args.repeats)
     for block in m.base.blocks:
         block.compile(dynamic=False)
     armt.associative_read = torch.compile(armt.associative_read, dynamic=False)
     armt.delta_write = torch.compile(armt.delta_write, dynamic=False)
     got = ingest("sequential")()
     torch.testing.assert_close(got.A, expected.A, rtol=1e-4, atol=1e-4)
-    ms["sequential compiled"] = timed(ingest("sequential"), args.repeats)
+    ms["sequential compiled"] = timed(ingest("sequential"), m.device, args.repeats)
     print(f"{args.preset}, {args.segments} segments, {torch.get_num_threads()} threads: "
           + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in ms.items()))
     print(f"diagonal / sequential: eager {ms['sequential'] / ms['diagonal']:.2f}x, both compiled "

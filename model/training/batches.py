@@ -71,9 +71,9 @@ def document(codec: Codec, rng: random.Random, task: str, stage: int, n_tokens: 
              split: str, **kw) -> Sample:
     """One document: 2-5 facts (QA2: 4-8; the dense stage: 4-7), fewer when facts and questions overflow it."""
     if task == "remember":  # one pair per segment; the dense stage packs 4-7 pairs (and questions) in one
-        n_pairs = rng.randint(4, 7) if stage == 0 else stage
+        n_pairs = rng.randint(*DENSE_FACTS) if stage == 0 else stage
         return generate(task, codec, rng, n_tokens, split, n_pairs=n_pairs, n_questions=questions, **kw)
-    lo, hi = (4, 7) if stage == 0 else FACTS.get(task, (2, 5))
+    lo, hi = DENSE_FACTS if stage == 0 else FACTS.get(task, (2, 5))
     for n_facts in range(rng.randint(lo, hi), 0, -1):
         try:
             return generate(task, codec, rng, n_tokens, split, n_facts=n_facts, n_questions=questions, **kw)
@@ -83,6 +83,7 @@ def document(codec: Codec, rng: random.Random, task: str, stage: int, n_tokens: 
 
 
 FACTS = {"qa1": (2, 5), "qa2": (4, 8)}
+DENSE_FACTS = (4, 7)  # facts (or remember's pairs) in the one segment of the dense stage
 
 
 def aux_batch(codec: Codec, rng: random.Random, batch_size: int, segment_size: int, copy: int = 0) -> Batch:
