@@ -34,6 +34,8 @@ def train(
     stage_minutes: float = typer.Option(0.0, help="curriculum: also advance after this many minutes in a stage "
                                                   "(0: only on accuracy)"),
     ask_past: float = typer.Option(0.0, help="remember: share of training questions about any pair but the last"),
+    grad_segments: int = typer.Option(0, help="back-propagate through only the last N segments of a document (the "
+                                              "earlier ones run without autograd); 0: all"),
     layers: int = 4, hidden: int = 128, heads: int = 4, ffn: int = 512,
     num_mem_tokens: int = 16, d_mem: int = 32, segment_size: int = 64, vocab: int = 3000,
     seed: int = 0,

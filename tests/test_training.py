@@ -11,6 +11,7 @@ from model.tasks import Codec, qa1
 from model.training import TrainConfig, Trainer, accuracy, default_tokenizer, new_model, wilson
 from model.training.evaluate import score_batch
 from model.training.batches import collate
+from model.training.objective import losses
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +73,26 @@ def test_training_moves_the_memory_and_saves_a_loadable_model(tokenizer, tmp_pat
     ids = Codec(tokenizer).encode(" Mary went to the kitchen. Where is Mary?")
     assert list(loaded.generate(loaded.new_state(), ids, max_new_tokens=3)) == \
         list(model.generate(model.new_state(), ids, max_new_tokens=3))
+
+
+def test_truncated_backprop_keeps_the_loss_and_cuts_the_gradient_through_earlier_writes(tokenizer):
+    """grad_segments=N: the same forward values; the memory write weights get a gradient only through writes in
+    the last N segments that a later one of them reads (N=1: none at all, since the last write is read by no one)."""
+    model = tiny(tokenizer)
+    codec = Codec(tokenizer)
+    samples = [qa1(codec, random.Random(i), 3 * 32, "train") for i in range(4)]  # 3 segments of 32
+    batch = collate(samples, codec.pad, with_probe=False)
+    grads, values = {}, {}
+    for n in (0, 2, 1):
+        model.zero_grad(set_to_none=True)
+        out = losses(model, None, batch, use_probe=False, grad_segments=n)
+        out["answer"].backward()
+        values[n] = out["answer"].detach()
+        grads[n] = model.W_mv.grad
+    torch.testing.assert_close(values[1], values[0], rtol=0, atol=0)
+    torch.testing.assert_close(values[2], values[0], rtol=0, atol=0)
+    assert grads[0].abs().sum() > 0 and grads[2].abs().sum() > 0 and not torch.equal(grads[2], grads[0])
+    assert grads[1] is None or not grads[1].any()
 
 
 def test_teacher_forced_score_equals_greedy_generation(tokenizer):

@@ -29,21 +29,27 @@ class Probe(nn.Module):
         return self.head(F.layer_norm(h, h.shape[-1:]))  # [N, V]
 
 
-def hidden_states(model, ids: torch.Tensor, probe_layer: int | None, act: ActRun | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def hidden_states(model, ids: torch.Tensor, probe_layer: int | None, act: ActRun | None = None,
+                  grad_segments: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """ids [B, T] -> (last block output [B, T, d], probe layer output [B, T, d] or None), from empty memory.
 
     Every segment is read and written (the official forward); memory tokens are stripped from the outputs.
-    `act` (ACT models) collects the ponder cost.
+    `act` (ACT models) collects the ponder cost. grad_segments > 0 truncates back-propagation to the last
+    grad_segments segments: the ones before run without autograd (their outputs and the memory they hand on are
+    constants). That is how a model meets the memory states of thousands of segments in training (the read of a
+    long-run A is what fails beyond the trained length) at the price of a forward pass over the prefix.
     """
     B = ids.shape[0]
     A, z = model._empty_memory(B)
     first = torch.ones(B, dtype=torch.bool, device=ids.device)
     finals, probes = [], []
-    for start, end in split_segments(ids.shape[1], model.config.segment_size):
+    segments = split_segments(ids.shape[1], model.config.segment_size)
+    cut = len(segments) - grad_segments if 0 < grad_segments < len(segments) else 0
+    for i, (start, end) in enumerate(segments):
         x, pos, off = model.segment_inputs(ids[:, start:end], with_memory=True)
         taps = {probe_layer: None} if probe_layer is not None else None
-        h, A, z = model.run_layers(x, pos, A, z, first, write=True, taps=taps, act=act)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and i >= cut):
+            h, A, z = model.run_layers(x, pos, A, z, first, write=True, taps=taps, act=act)
         first = torch.zeros_like(first)
         n = end - start
         finals.append(h[:, off : off + n])  # [B, n, d]
@@ -53,15 +59,17 @@ def hidden_states(model, ids: torch.Tensor, probe_layer: int | None, act: ActRun
     return final, (torch.cat(probes, dim=1) if probes else None)
 
 
-def losses(model, probe: Probe | None, batch: Batch, use_probe: bool) -> dict:
+def losses(model, probe: Probe | None, batch: Batch, use_probe: bool, grad_segments: int = 0) -> dict:
     """Answer cross-entropy (+ probe cross-entropy, + ACT ponder cost) and per-question exact match for one batch.
 
-    The model reads `batch.inputs` where given (masked targets), else the ids themselves (teacher forcing).
+    The model reads `batch.inputs` where given (masked targets), else the ids themselves (teacher forcing);
+    grad_segments: see hidden_states.
     """
     ids = batch.ids
     act = ActRun.for_model(model.config, ponder=True)
     reads = batch.inputs if batch.inputs is not None else ids
-    final, tapped = hidden_states(model, reads, probe.layer if (probe is not None and use_probe) else None, act)
+    probe_layer = probe.layer if (probe is not None and use_probe) else None
+    final, tapped = hidden_states(model, reads, probe_layer, act, grad_segments)
     d = final.shape[-1]
     flat = final.reshape(-1, d)  # [B*T, d]
     logits = model.base.head(flat[batch.answer_pos - 1])  # [N, V]: position p is predicted from p - 1

@@ -47,6 +47,7 @@ class TrainConfig:
     advance_at: float = 0.9
     stage_minutes: float = 0.0  # also advance after this long in one stage (0: only on accuracy)
     ask_past: float = 0.0  # remember: share of training questions about any pair but the last (uniformly)
+    grad_segments: int = 0  # truncated back-propagation: only the last N segments of a document (0: all)
     heldout: int = 256
     check_every: int = 20
     minutes: float = 45.0
@@ -109,7 +110,7 @@ class Trainer:
         self.model.train()
         batch = self._task_batch(stage)
         use_probe = self.probe is not None and stage <= cfg.probe_max_stage
-        out = losses(self.model, self.probe, batch, use_probe)
+        out = losses(self.model, self.probe, batch, use_probe, cfg.grad_segments)
         loss = out["answer"] + cfg.probe_weight * out.get("probe", 0.0) + cfg.ponder_tau * out.get("ponder", 0.0)
         tokens = batch.tokens
         if cfg.task != "ca" and (cfg.aux_batch_size or cfg.copy_batch_size):
