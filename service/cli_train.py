@@ -46,6 +46,8 @@ def train(
     arch: str = typer.Option("armt", help="task ca: armt (21-token segments + memory) or plain (one segment)"),
     ca_k: int = typer.Option(1, help="task ca: predict the state k steps ahead (1..4)"),
     ca_variant: str = typer.Option("os", help="task ca: os | oo | shift"),
+    ca_context: bool = typer.Option(False, help="task ca: also train on predicting the given states s1..s9 "
+                                    "(the training accuracy then counts them too; held-out scores the target only)"),
     act: bool = typer.Option(False, help="adaptive computation time in every layer (new models)"),
     max_hop: int = typer.Option(4, help="ACT: most hops per layer"),
     act_fixed: bool = typer.Option(False, help="ACT: always run max_hop hops (fixed computation)"),

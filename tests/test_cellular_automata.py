@@ -56,6 +56,16 @@ def test_one_state_layout(k):
     assert s.inputs[211:] == [MASK] * 20 and s.inputs[:211] == s.ids[:211]  # targets never fed
 
 
+def test_context_spans_score_the_given_states_without_changing_the_sample():
+    plain = ca_sample(random.Random(3), "train", k=2)
+    s = ca_sample(random.Random(3), "train", k=2, context=True)
+    assert s.ids == plain.ids and s.inputs == plain.inputs  # same orbit, targets still masked, context fed
+    assert s.answers[0] == plain.answers[0] and len(s.answers) == 1 + 9  # target first: evaluation reads span 0
+    for i, span in enumerate(s.answers[1:], start=1):
+        assert s.ids[span[0] - 1] == SEP and [s.ids[p] for p in span] == orbit(s.ids[1:21], s.answer, i + 1)[-1]
+        assert all(s.inputs[p] == s.ids[p] for p in span)
+
+
 def test_all_states_and_shift_layouts():
     oo = ca_sample(random.Random(1), "train", variant="oo")
     assert len(oo.ids) == sequence_length("oo") == 294 and len(oo.answers) == 4

@@ -76,8 +76,15 @@ def random_rule(rng: random.Random, split: str) -> str:
             return rule
 
 
-def ca_sample(rng: random.Random, split: str = "train", k: int = 1, variant: str = "os") -> Sample:
-    """One sample; `answers` holds one span per target state (one for O-S and shift, four for O-O)."""
+def ca_sample(rng: random.Random, split: str = "train", k: int = 1, variant: str = "os",
+              context: bool = False) -> Sample:
+    """One sample; `answers` holds one span per target state (one for O-S and shift, four for O-O).
+
+    context=True (training only) adds, after the target spans, one span per given state s1..s9: each cell of a
+    given state predicted from the states before it (teacher-forced, as in language modelling). That is the same
+    one-step rule the k = 1 target asks for, seen nine times per orbit instead of once; the paper trains on the
+    target alone.
+    """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     if variant == "shift":
@@ -99,6 +106,8 @@ def ca_sample(rng: random.Random, split: str = "train", k: int = 1, variant: str
     sample.ids = ids
     answer_positions = {p for span in sample.answers for p in span}
     sample.inputs = [MASK if p in answer_positions else t for p, t in enumerate(ids)]
+    if context:  # s_i's cells sit at i * GROUP + 1 .. i * GROUP + WIDTH
+        sample.answers += [list(range(i * GROUP + 1, (i + 1) * GROUP)) for i in range(1, GIVEN)]
     return sample
 
 

@@ -17,8 +17,11 @@ from .batches import Batch, collate
 from .evaluate import wilson
 
 
-def ca_batch(rng: random.Random, batch_size: int, k: int, variant: str, split: str = "train") -> Batch:
-    return collate([ca_sample(rng, split, k, variant) for _ in range(batch_size)], PAD, with_probe=False)
+def ca_batch(rng: random.Random, batch_size: int, k: int, variant: str, split: str = "train",
+             context: bool = False) -> Batch:
+    """context: also score the given states (training's --ca-context; see ca_sample)."""
+    samples = [ca_sample(rng, split, k, variant, context) for _ in range(batch_size)]
+    return collate(samples, PAD, with_probe=False)
 
 
 def new_ca_model(arch: str = "armt", layers: int = 4, hidden: int = 128, heads: int = 4, ffn: int = 512,

@@ -56,6 +56,7 @@ class TrainConfig:
     checkpoint_every: float = 300.0  # seconds
     ca_k: int = 1  # task "ca": the state k steps ahead (model/tasks/cellular_automata.py)
     ca_variant: str = "os"  # task "ca": os | oo | shift
+    ca_context: bool = False  # task "ca": also predict the given states s1..s9 (more signal per orbit)
     ponder_tau: float = 1e-3  # ACT models: weight of the ponder cost (hops + remainder per token)
 
 
@@ -140,7 +141,7 @@ class Trainer:
     def _task_batch(self, stage: int):
         cfg = self.cfg
         if cfg.task == "ca":
-            return ca_batch(self.rng, cfg.batch_size, cfg.ca_k, cfg.ca_variant)
+            return ca_batch(self.rng, cfg.batch_size, cfg.ca_k, cfg.ca_variant, context=cfg.ca_context)
         kw = {"distinct": True} if stage == 0 and cfg.dense_distinct and cfg.task == "qa1" else {}
         if cfg.task == "remember" and cfg.ask_past:
             kw = {"ask_past": cfg.ask_past}
