@@ -16,7 +16,8 @@ def train(
     out: Path = typer.Option(Path("runs/train"), help="run directory: log, checkpoint, final model in OUT/model"),
     task: str = typer.Option("qa1", help="qa1 | qa2 | remember | ca (cellular automata; see --arch, --ca-k)"),
     init: Path = typer.Option(None, help="start from this local ARMT or plain HF LLaMA/GPT-2 directory (a plain one "
-                                         "gets fresh memory shaped by --num-mem-tokens/--d-mem/--segment-size)"),
+                                         "gets fresh memory shaped by --num-mem-tokens/--d-mem/--segment-size; "
+                                         "task ca: a CA model trained before, whose shape wins over --arch etc.)"),
     minutes: float = typer.Option(45.0, help="training time budget (evaluation checks included)"),
     max_steps: int = 100_000,
     stages: str = typer.Option("0,1,2,4,8,16", help="curriculum in segments (0 = dense single segment)"),
@@ -100,8 +101,13 @@ def _training_model(task: str, init: Path | None, arch: str, ca_variant: str, vo
     from model.training import default_tokenizer, load_for_training, new_model
     from model.training.reasoning import new_ca_model
 
-    if task == "ca":
-        return new_ca_model(arch, variant=ca_variant, seed=seed, **shape)
+    if task == "ca":  # --init: a CA model trained before (it has no tokenizer), e.g. to train on for longer
+        if init is None:
+            return new_ca_model(arch, variant=ca_variant, seed=seed, **shape)
+        if not (Path(init) / "armt_config.json").is_file():
+            raise typer.BadParameter(f"{init} is not an ARMT model directory (no armt_config.json)", param_hint="--init")
+        from model import ArmtModel
+        return ArmtModel.from_pretrained(init)
     if init is not None:
         armt = ArmtConfig(num_mem_tokens=shape["num_mem_tokens"], d_mem=shape["d_mem"], segment_size=segment_size,
                           armt_version=2)

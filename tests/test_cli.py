@@ -26,3 +26,18 @@ def test_missing_directory_is_a_clean_error(tmp_path):
     result = CliRunner().invoke(app, ["info", str(tmp_path / "nope")])
     assert result.exit_code == 2
     assert "does not exist" in result.output
+
+
+def test_ca_training_continues_from_init(tmp_path):
+    """--init on the CA task loads the model trained before (it used to be ignored for a fresh one)."""
+    runner = CliRunner()
+    tiny = ["--task", "ca", "--arch", "armt", "--hidden", "32", "--heads", "2", "--ffn", "64", "--num-mem-tokens", "4",
+            "--d-mem", "8", "--batch-size", "2", "--max-steps", "1", "--warmup", "1", "--ca-context"]
+    first = runner.invoke(app, ["train", "--out", str(tmp_path / "a"), "--layers", "2", *tiny])
+    assert first.exit_code == 0, first.output
+    second = runner.invoke(app, ["train", "--out", str(tmp_path / "b"), "--layers", "3", "--init",
+                                 str(tmp_path / "a" / "model"), *tiny])
+    assert second.exit_code == 0, second.output
+    assert json.loads((tmp_path / "b" / "model" / "config.json").read_text())["num_hidden_layers"] == 2
+    bad = runner.invoke(app, ["train", "--out", str(tmp_path / "c"), "--init", str(tmp_path), *tiny])
+    assert bad.exit_code == 2 and "not an ARMT" in bad.output
