@@ -105,7 +105,8 @@ def _training_model(task: str, init: Path | None, arch: str, ca_variant: str, vo
         if init is None:
             return new_ca_model(arch, variant=ca_variant, seed=seed, **shape)
         if not (Path(init) / "armt_config.json").is_file():
-            raise typer.BadParameter(f"{init} is not an ARMT model directory (no armt_config.json)", param_hint="--init")
+            raise typer.BadParameter(f"{init} is not an ARMT model directory (no armt_config.json)",
+                                     param_hint="--init")
         from model import ArmtModel
         return ArmtModel.from_pretrained(init)
     if init is not None:
