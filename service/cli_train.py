@@ -47,8 +47,7 @@ def train(
     arch: str = typer.Option("armt", help="task ca: armt (21-token segments + memory) or plain (one segment)"),
     ca_k: int = typer.Option(1, help="task ca: predict the state k steps ahead (1..4)"),
     ca_variant: str = typer.Option("os", help="task ca: os | oo | shift"),
-    ca_context: bool = typer.Option(False, help="task ca: also train on predicting the given states s1..s9 "
-                                    "(the training accuracy then counts them too; held-out scores the target only)"),
+    ca_context: bool = typer.Option(False, help="task ca: also score the given states s1..s9 in training"),
     act: bool = typer.Option(False, help="adaptive computation time in every layer (new models)"),
     max_hop: int = typer.Option(4, help="ACT: most hops per layer"),
     act_fixed: bool = typer.Option(False, help="ACT: always run max_hop hops (fixed computation)"),
@@ -56,26 +55,32 @@ def train(
 ) -> None:
     """Curriculum training with back-propagation through the memory (sequential order); see model/training."""
     options = dict(locals())  # the trainer's settings are the options named like TrainConfig's fields
-    import torch
+    from model.training import write_log
 
-    from model.tasks import Codec
-    from model.training import Trainer, write_log
-
-    torch.manual_seed(seed)
-    model = _training_model(task, init, arch, ca_variant, vocab, seed,
-                            dict(layers=layers, hidden=hidden, heads=heads, ffn=ffn, num_mem_tokens=num_mem_tokens,
-                                 d_mem=d_mem, act=act, max_hop=max_hop, act_fixed=act_fixed), segment_size)
-    model = model.to(device=device, dtype=torch.bfloat16 if bf16 else torch.float32)
-    cfg = _train_config(options)
-    trainer = Trainer(model, Codec(model.tokenizer) if model.tokenizer is not None else None, cfg, out)
-    if resume and not trainer.load_checkpoint():
-        typer.echo(f"error: no checkpoint in {out / 'checkpoint'}", err=True)
-        raise typer.Exit(2)
+    model, trainer, cfg = _trainer(options)
     params = sum(p.numel() for p in model.parameters())
     typer.echo(f"training {params:,} parameters on {task}, stages {cfg.stages}, {minutes} min budget -> {out}")
     with _progress_bar(trainer, minutes) as progress:
         trainer.run(write_log(out / "train_log.jsonl"), progress)
     _save(model, trainer, out, export)
+
+
+def _trainer(o: dict):
+    """The model (fresh, or --init) on its device and dtype, and its Trainer (resumed with --resume)."""
+    import torch
+
+    from model.tasks import Codec
+    from model.training import Trainer
+
+    torch.manual_seed(o["seed"])
+    model = _training_model(o)
+    model = model.to(device=o["device"], dtype=torch.bfloat16 if o["bf16"] else torch.float32)
+    cfg = _train_config(o)
+    trainer = Trainer(model, Codec(model.tokenizer) if model.tokenizer is not None else None, cfg, o["out"])
+    if o["resume"] and not trainer.load_checkpoint():
+        typer.echo(f"error: no checkpoint in {o['out'] / 'checkpoint'}", err=True)
+        raise typer.Exit(2)
+    return model, trainer, cfg
 
 
 def _train_config(options: dict):
@@ -94,26 +99,25 @@ def _train_config(options: dict):
     return TrainConfig(**cfg)
 
 
-def _training_model(task: str, init: Path | None, arch: str, ca_variant: str, vocab: int, seed: int, shape: dict,
-                    segment_size: int):
+def _training_model(o: dict):
     """A fresh CA model, an existing directory (--init), or a fresh QA model with the default tokenizer."""
     from model import ArmtConfig
     from model.training import default_tokenizer, load_for_training, new_model
     from model.training.reasoning import new_ca_model
 
-    if task == "ca":  # --init: a CA model trained before (it has no tokenizer), e.g. to train on for longer
-        if init is None:
-            return new_ca_model(arch, variant=ca_variant, seed=seed, **shape)
-        if not (Path(init) / "armt_config.json").is_file():
-            raise typer.BadParameter(f"{init} is not an ARMT model directory (no armt_config.json)",
-                                     param_hint="--init")
-        from model import ArmtModel
-        return ArmtModel.from_pretrained(init)
-    if init is not None:
-        armt = ArmtConfig(num_mem_tokens=shape["num_mem_tokens"], d_mem=shape["d_mem"], segment_size=segment_size,
+    shape = {k: o[k] for k in ("layers", "hidden", "heads", "ffn", "num_mem_tokens", "d_mem", "act", "max_hop",
+                               "act_fixed")}
+    init, task = o["init"], o["task"]
+    if init is not None:  # an ARMT trained before (CA ones have no tokenizer), or a plain HF base + fresh memory
+        armt = ArmtConfig(num_mem_tokens=o["num_mem_tokens"], d_mem=o["d_mem"], segment_size=o["segment_size"],
                           armt_version=2)
-        return load_for_training(init, armt)
-    return new_model(default_tokenizer(vocab), segment_size=segment_size, seed=seed, **shape)
+        try:
+            return load_for_training(init, armt, needs_tokenizer=task != "ca")
+        except (FileNotFoundError, ValueError) as e:
+            raise typer.BadParameter(str(e), param_hint="--init") from e
+    if task == "ca":
+        return new_ca_model(o["arch"], variant=o["ca_variant"], seed=o["seed"], **shape)
+    return new_model(default_tokenizer(o["vocab"]), segment_size=o["segment_size"], seed=o["seed"], **shape)
 
 
 @contextmanager

@@ -38,9 +38,10 @@ def new_model(tokenizer, layers: int = 4, hidden: int = 128, heads: int = 4, ffn
     return model
 
 
-def load_for_training(directory: Path, armt=None):
+def load_for_training(directory: Path, armt=None, needs_tokenizer: bool = True):
     """An existing local model directory: an ARMT (project format / official layouts), or a plain HF LLaMA / GPT-2
-    directory, which gets fresh memory parameters shaped by `armt` (an ArmtConfig; default: the default model's)."""
+    directory, which gets fresh memory parameters shaped by `armt` (an ArmtConfig; default: the default model's).
+    Text tasks need its tokenizer.json; the CA task (token ids are cell values) does not."""
     from ..armt import ArmtModel
     from ..checkpoint import from_base
     from ..config import ArmtConfig
@@ -48,9 +49,12 @@ def load_for_training(directory: Path, armt=None):
     directory = Path(directory)
     if (directory / "armt_config.json").is_file():
         model = ArmtModel.from_pretrained(directory)
-    else:
+    elif (directory / "config.json").is_file():
         model = from_base(directory, armt or ArmtConfig(num_mem_tokens=16, d_mem=32, segment_size=64, armt_version=2))
-    if model.tokenizer is None:
+    else:
+        raise FileNotFoundError(f"{directory} is not an ARMT model directory (no armt_config.json) nor a plain HF "
+                                "one (no config.json)")
+    if needs_tokenizer and model.tokenizer is None:
         raise ValueError(f"{directory} has no tokenizer.json; training needs one")
     return model
 
