@@ -37,6 +37,8 @@ def train(
     ask_past: float = typer.Option(0.0, help="remember: share of training questions about any pair but the last"),
     grad_segments: int = typer.Option(0, help="back-propagate through only the last N segments of a document (the "
                                               "earlier ones run without autograd); 0: all"),
+    stream_max: int = typer.Option(0, min=0, help="remember, last stage: each batch row is a stream that carries "
+                                                  "its memory to the next step, up to N segments long (0: off)"),
     layers: int = 4, hidden: int = 128, heads: int = 4, ffn: int = 512,
     num_mem_tokens: int = 16, d_mem: int = 32, segment_size: int = 64, vocab: int = 3000,
     seed: int = 0,
@@ -72,10 +74,10 @@ def _trainer(o: dict):
     from model.tasks import Codec
     from model.training import Trainer
 
+    cfg = _train_config(o)  # option errors before any work
     torch.manual_seed(o["seed"])
     model = _training_model(o)
     model = model.to(device=o["device"], dtype=torch.bfloat16 if o["bf16"] else torch.float32)
-    cfg = _train_config(o)
     trainer = Trainer(model, Codec(model.tokenizer) if model.tokenizer is not None else None, cfg, o["out"])
     if o["resume"] and not trainer.load_checkpoint():
         typer.echo(f"error: no checkpoint in {o['out'] / 'checkpoint'}", err=True)
@@ -96,6 +98,8 @@ def _train_config(options: dict):
         cfg.update(stages="1", aux_batch_size=0, copy_batch_size=0, probe_weight=0.0)
     cfg["stages"] = tuple(int(s) for s in cfg["stages"].split(","))
     cfg["questions"] = cfg["questions"] or (1 if cfg["task"] == "remember" else 4)
+    if cfg["stream_max"] and cfg["task"] != "remember":
+        raise typer.BadParameter("memory streams are for --task remember", param_hint="--stream-max")
     return TrainConfig(**cfg)
 
 

@@ -41,3 +41,9 @@ def test_ca_training_continues_from_init(tmp_path):
     assert json.loads((tmp_path / "b" / "model" / "config.json").read_text())["num_hidden_layers"] == 2
     bad = runner.invoke(app, ["train", "--out", str(tmp_path / "c"), "--init", str(tmp_path), *tiny])
     assert bad.exit_code == 2 and "not an ARMT" in bad.output
+
+
+def test_memory_streams_are_a_remember_option(tmp_path):
+    result = CliRunner().invoke(app, ["train", "--out", str(tmp_path), "--task", "qa1", "--stream-max", "64"])
+    assert result.exit_code == 2 and "--stream-max" in result.output and "remember" in result.output
+    assert not (tmp_path / "train_log.jsonl").exists()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from dataclasses import dataclass, field
 
 from .babi import DROPS, GRABS, MOVES, PEOPLE, PLACES, TASK_WORDS
 from .prose import train_sentences
@@ -23,8 +24,16 @@ TOKENS_PER_PAIR = 64  # one pair per default-model segment when the caller does 
 N_WORDS = 100  # keys, and values
 
 
+@dataclass
+class PairHistory:
+    """What one long document (a training stream read window by window) has written so far."""
+
+    value: dict[str, str] = field(default_factory=dict)  # key -> latest value
+    written: list[str] = field(default_factory=list)  # keys in writing order
+
+
 def remember(codec: Codec, rng: random.Random, n_tokens: int, split: str = "train", n_pairs: int | None = None,
-             n_questions: int = 1, ask_past: float = 0.0) -> Sample:
+             n_questions: int = 1, ask_past: float = 0.0, history: PairHistory | None = None) -> Sample:
     """n_pairs pairs (default one per TOKENS_PER_PAIR tokens) at random sentence boundaries of `split`'s prose,
     then questions about keys that were written; exactly n_tokens long. The name-binding probe at each value
     names its key (as for QA facts). ask_past (training only): the probability that the question is about a pair
@@ -34,17 +43,17 @@ def remember(codec: Codec, rng: random.Random, n_tokens: int, split: str = "trai
     key both."""
     keys, values = pair_words(codec)
     n_pairs = n_pairs or max(1, n_tokens // TOKENS_PER_PAIR)
-    value: dict[str, str] = {}
+    history = history if history is not None else PairHistory()
+    value, written = history.value, history.written
     facts: list[Piece] = []
-    written: list[str] = []  # the keys in writing order
     for _ in range(n_pairs):
         key, val = rng.choice(keys), rng.choice(values)
         facts.append(fact_piece(codec, f"key {key} is {val}.", [(val, key)]))
         value[key] = val
         written.append(key)
     asked = rng.sample(sorted(value), min(n_questions, len(value)))
-    if ask_past and rng.random() < ask_past and n_pairs > 1:
-        chosen = written[rng.randrange(n_pairs - 1)]
+    if ask_past and rng.random() < ask_past and len(written) > 1:
+        chosen = written[rng.randrange(len(written) - 1)]
         asked = [chosen] + [k for k in asked if k != chosen][: n_questions - 1]
     questions = [(Piece(codec.encode(f" What is key {k}?")), value[k]) for k in asked]
     return assemble(codec, rng, split, facts, questions, n_tokens)

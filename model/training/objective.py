@@ -18,6 +18,8 @@ from ..act import ActRun
 from ..sequential import split_segments
 from .batches import Batch
 
+Memory = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # A [B, L, d_key, d], z [B, L, d_key], first [B] bool
+
 
 class Probe(nn.Module):
     def __init__(self, d_model: int, vocab: int, layer: int):
@@ -30,8 +32,9 @@ class Probe(nn.Module):
 
 
 def hidden_states(model, ids: torch.Tensor, probe_layer: int | None, act: ActRun | None = None,
-                  grad_segments: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """ids [B, T] -> (last block output [B, T, d], probe layer output [B, T, d] or None), from empty memory.
+                  grad_segments: int = 0, memory: Memory | None = None):
+    """ids [B, T] -> (last block output [B, T, d], probe layer output [B, T, d] or None, memory after the last
+    segment), from empty memory or from `memory` (A [B, L, d_key, d], z [B, L, d_key], first [B]: a carried stream).
 
     Every segment is read and written (the official forward); memory tokens are stripped from the outputs.
     `act` (ACT models) collects the ponder cost. grad_segments > 0 truncates back-propagation to the last
@@ -40,8 +43,11 @@ def hidden_states(model, ids: torch.Tensor, probe_layer: int | None, act: ActRun
     long-run A is what fails beyond the trained length) at the price of a forward pass over the prefix.
     """
     B = ids.shape[0]
-    A, z = model._empty_memory(B)
-    first = torch.ones(B, dtype=torch.bool, device=ids.device)
+    if memory is None:
+        A, z = model._empty_memory(B)
+        first = torch.ones(B, dtype=torch.bool, device=ids.device)
+    else:
+        A, z, first = memory
     finals, probes = [], []
     segments = split_segments(ids.shape[1], model.config.segment_size)
     cut = len(segments) - grad_segments if 0 < grad_segments < len(segments) else 0
@@ -56,25 +62,26 @@ def hidden_states(model, ids: torch.Tensor, probe_layer: int | None, act: ActRun
         if taps is not None:
             probes.append(taps[probe_layer][:, off : off + n])
     final = torch.cat(finals, dim=1)  # [B, T, d]
-    return final, (torch.cat(probes, dim=1) if probes else None)
+    return final, (torch.cat(probes, dim=1) if probes else None), (A, z, first)
 
 
-def losses(model, probe: Probe | None, batch: Batch, use_probe: bool, grad_segments: int = 0) -> dict:
+def losses(model, probe: Probe | None, batch: Batch, use_probe: bool, grad_segments: int = 0,
+           memory: Memory | None = None) -> dict:
     """Answer cross-entropy (+ probe cross-entropy, + ACT ponder cost) and per-question exact match for one batch.
 
     The model reads `batch.inputs` where given (masked targets), else the ids themselves (teacher forcing);
-    grad_segments: see hidden_states.
+    grad_segments, memory: see hidden_states; out["memory"] is the memory after the batch, detached.
     """
     ids = batch.ids
     act = ActRun.for_model(model.config, ponder=True)
     reads = batch.inputs if batch.inputs is not None else ids
     probe_layer = probe.layer if (probe is not None and use_probe) else None
-    final, tapped = hidden_states(model, reads, probe_layer, act, grad_segments)
+    final, tapped, (A, z, first) = hidden_states(model, reads, probe_layer, act, grad_segments, memory)
     d = final.shape[-1]
     flat = final.reshape(-1, d)  # [B*T, d]
     logits = model.base.head(flat[batch.answer_pos - 1])  # [N, V]: position p is predicted from p - 1
     targets = ids.reshape(-1)[batch.answer_pos]  # [N]
-    out = {"answer": F.cross_entropy(logits.float(), targets)}
+    out = {"answer": F.cross_entropy(logits.float(), targets), "memory": (A.detach(), z.detach(), first)}
     hit = (logits.argmax(-1) == targets).float()  # [N]
     wrong = torch.zeros(batch.n_questions).index_add_(0, batch.answer_question, 1 - hit)  # [Q]
     out["correct"] = int((wrong == 0).sum())

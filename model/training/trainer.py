@@ -2,8 +2,10 @@
 
 One step = one batch of task documents of the current stage (or, with probability `replay`, of an earlier stage)
 plus an auxiliary key-gap-value batch. The stage advances when the running training accuracy and a held-out check
-(fresh documents from a separate generator) both pass `advance_at`. Checkpoints hold the model, the probe, the
-optimizer, the curriculum position and every random generator, so a resumed run continues exactly.
+(fresh documents from a separate generator) both pass `advance_at`. With `stream_max` (remember), the last stage's
+documents are windows of long streams whose memory carries over from step to step (streams.py). Checkpoints hold
+the model, the probe, the optimizer, the curriculum position, the streams and every random generator, so a resumed
+run continues exactly.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from .batches import aux_batch, task_batch
 from .evaluate import accuracy
 from .objective import Probe, losses
 from .reasoning import ca_accuracy, ca_batch
+from .streams import Streams
 
 
 @dataclass
@@ -48,6 +51,7 @@ class TrainConfig:
     stage_minutes: float = 0.0  # also advance after this long in one stage (0: only on accuracy)
     ask_past: float = 0.0  # remember: share of training questions about any pair but the last (uniformly)
     grad_segments: int = 0  # truncated back-propagation: only the last N segments of a document (0: all)
+    stream_max: int = 0  # remember, last stage: rows are streams carrying memory across steps, N segments long
     heldout: int = 256
     check_every: int = 20
     minutes: float = 45.0
@@ -83,6 +87,9 @@ class Trainer:
         self.state = TrainState()
         self.rng = random.Random(cfg.seed)
         self.window: deque = deque(maxlen=20)
+        if cfg.stream_max and cfg.task != "remember":
+            raise ValueError("stream_max (memory carried across steps) is for the remember task")
+        self.streams = Streams(model, cfg.batch_size, cfg.stream_max, self.rng) if cfg.stream_max else None
         torch.manual_seed(cfg.seed)
 
     # ------------------------------------------------------------------ one step
@@ -109,9 +116,7 @@ class Trainer:
         if st.stage_index and self.rng.random() < cfg.replay:
             stage = self.cfg.stages[self.rng.randrange(st.stage_index)]
         self.model.train()
-        batch = self._task_batch(stage)
-        use_probe = self.probe is not None and stage <= cfg.probe_max_stage
-        out = losses(self.model, self.probe, batch, use_probe, cfg.grad_segments)
+        batch, out, streaming = self._task_losses(stage)
         loss = out["answer"] + cfg.probe_weight * out.get("probe", 0.0) + cfg.ponder_tau * out.get("ponder", 0.0)
         tokens = batch.tokens
         if cfg.task != "ca" and (cfg.aux_batch_size or cfg.copy_batch_size):
@@ -125,6 +130,9 @@ class Trainer:
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(self.opt.param_groups[0]["params"], cfg.clip)
         self.opt.step()
+        if streaming:
+            row_ages = self.streams.ages()
+            self.streams.advance(out["memory"], -(-batch.ids.shape[1] // self.S))
         st.step += 1
         st.tokens += tokens
         if stage == self.stage:
@@ -134,9 +142,22 @@ class Trainer:
                "answer_loss": out["answer"].item(), "probe_loss": probe_loss,
                "acc": out["correct"] / out["questions"], "cell_acc": out["cells_correct"] / out["cells"],
                "grad_norm": float(norm), "tokens": tokens}
+        if streaming:
+            row["stream_age"] = round(sum(row_ages) / len(row_ages), 1)  # mean segments read before this window
         if "ponder" in out:
             row["ponder"] = round(out["ponder"].detach().item(), 4)
         return row
+
+    def _task_losses(self, stage: int) -> tuple:
+        """(batch, its losses, whether it continued the streams): in the last stage with memory streams, the next
+        window of every stream, read from the memory the previous window left."""
+        cfg = self.cfg
+        if self.streams is not None and stage == cfg.stages[-1]:
+            batch = self.streams.batch(self.codec, self.rng, stage, self.S, cfg.questions, cfg.ask_past)
+            return batch, losses(self.model, None, batch, False, cfg.grad_segments, self.streams.start()), True
+        batch = self._task_batch(stage)
+        use_probe = self.probe is not None and stage <= cfg.probe_max_stage
+        return batch, losses(self.model, self.probe, batch, use_probe, cfg.grad_segments), False
 
     def _task_batch(self, stage: int):
         cfg = self.cfg
@@ -192,7 +213,8 @@ class Trainer:
         self.state.window = list(self.window)
         blob = {"model": self.model.state_dict(), "probe": self.probe.state_dict() if self.probe else None,
                 "opt": self.opt.state_dict(), "torch_rng": torch.get_rng_state(), "rng": self.rng.getstate(),
-                "state": asdict(self.state), "config": asdict(self.cfg)}
+                "state": asdict(self.state), "config": asdict(self.cfg),
+                "streams": self.streams.state_dict() if self.streams else None}
         tmp = ckpt / "trainer.pt.tmp"
         torch.save(blob, tmp)
         tmp.replace(ckpt / "trainer.pt")
@@ -209,6 +231,8 @@ class Trainer:
         torch.set_rng_state(blob["torch_rng"])
         self.rng.setstate(_tuples(blob["rng"]))
         self.state = TrainState(**blob["state"])
+        if self.streams is not None and blob.get("streams") is not None:
+            self.streams.load_state_dict(blob["streams"])
         self.window = deque((tuple(x) for x in self.state.window), maxlen=20)
         return True
 
