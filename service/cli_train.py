@@ -98,9 +98,10 @@ def _train_config(options: dict):
         cfg.update(stages="1", aux_batch_size=0, copy_batch_size=0, probe_weight=0.0)
     cfg["stages"] = tuple(int(s) for s in cfg["stages"].split(","))
     cfg["questions"] = cfg["questions"] or (1 if cfg["task"] == "remember" else 4)
-    if cfg["stream_max"] and cfg["task"] != "remember":
-        raise typer.BadParameter("memory streams are for --task remember", param_hint="--stream-max")
-    return TrainConfig(**cfg)
+    try:
+        return TrainConfig(**cfg)
+    except ValueError as e:  # the config's own checks (memory streams need task remember)
+        raise typer.BadParameter(str(e), param_hint="--stream-max") from e
 
 
 def _training_model(o: dict):

@@ -47,8 +47,8 @@ class Streams:
 
     def advance(self, memory: tuple[torch.Tensor, torch.Tensor, torch.Tensor], segments: int) -> None:
         """Hand on the memory after a window of `segments` segments; streams past their length start over."""
-        A, z, _ = memory
-        self.A, self.z = A.detach().clone(), z.detach().clone()
+        A, z, _ = memory  # detached by losses(); cloned because rows that start over are zeroed in place
+        self.A, self.z = A.clone(), z.clone()
         self.first = torch.zeros_like(self.first)
         for row in range(len(self.read)):
             self.read[row] += segments

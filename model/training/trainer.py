@@ -63,6 +63,10 @@ class TrainConfig:
     ca_context: bool = False  # task "ca": also predict the given states s1..s9 (more signal per orbit)
     ponder_tau: float = 1e-3  # ACT models: weight of the ponder cost (hops + remainder per token)
 
+    def __post_init__(self):
+        if self.stream_max and self.task != "remember":
+            raise ValueError(f"memory streams (stream_max) are for task remember, not {self.task}")
+
 
 @dataclass
 class TrainState:
@@ -87,8 +91,6 @@ class Trainer:
         self.state = TrainState()
         self.rng = random.Random(cfg.seed)
         self.window: deque = deque(maxlen=20)
-        if cfg.stream_max and cfg.task != "remember":
-            raise ValueError("stream_max (memory carried across steps) is for the remember task")
         self.streams = Streams(model, cfg.batch_size, cfg.stream_max, self.rng) if cfg.stream_max else None
         torch.manual_seed(cfg.seed)
 
@@ -132,7 +134,7 @@ class Trainer:
         self.opt.step()
         if streaming:
             row_ages = self.streams.ages()
-            self.streams.advance(out["memory"], -(-batch.ids.shape[1] // self.S))
+            self.streams.advance(out["memory"], -(-batch.ids.shape[1] // self.S))  # segments: ceil(T / S)
         st.step += 1
         st.tokens += tokens
         if stage == self.stage:
