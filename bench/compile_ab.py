@@ -16,7 +16,7 @@ import torch
 @torch.no_grad()
 def main() -> None:
     import model.armt as armt
-    from model.bench import build, timed
+    from model.bench import build, timed, with_flags
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="small")
@@ -31,16 +31,15 @@ def main() -> None:
         return lambda: m.ingest(m.new_state(), ids, executor=executor)
 
     expected = ingest("sequential")()
-    ms = {name: timed(ingest(name), m.device, args.repeats) for name in ("sequential", "diagonal")}
-    m.compiled_kernels = True
-    ms["diagonal compiled"] = timed(ingest("diagonal"), m.device, args.repeats)
+    ms = timed({"sequential": ingest("sequential"), "diagonal": ingest("diagonal"),
+                "diagonal compiled": with_flags(m, ingest("diagonal"), compiled_kernels=True)}, m.device, args.repeats)
     for block in m.base.blocks:
         block.compile(dynamic=False)
     armt.associative_read = torch.compile(armt.associative_read, dynamic=False)
     armt.delta_write = torch.compile(armt.delta_write, dynamic=False)
     got = ingest("sequential")()
     torch.testing.assert_close(got.A, expected.A, rtol=1e-4, atol=1e-4)
-    ms["sequential compiled"] = timed(ingest("sequential"), m.device, args.repeats)
+    ms.update(timed({"sequential compiled": ingest("sequential")}, m.device, args.repeats))
     print(f"{args.preset}, {args.segments} segments, {torch.get_num_threads()} threads: "
           + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in ms.items()))
     print(f"diagonal / sequential: eager {ms['sequential'] / ms['diagonal']:.2f}x, both compiled "

@@ -21,6 +21,7 @@ from .memory import associative_read, delta_write
 
 class ArmtModel(ArmtEngineMixin, nn.Module):
     compiled_kernels: bool = False  # True: the diagonal executor runs torch.compile'd kernels (model/kernels.py)
+    cuda_graphs: bool = False  # True (CUDA only): the diagonal executor replays its block steps from CUDA graphs
 
     def __init__(self, base: BaseAdapter, config: ArmtConfig, fingerprint: str = "untrained"):
         super().__init__()
@@ -95,6 +96,14 @@ class ArmtModel(ArmtEngineMixin, nn.Module):
     def stacked_blocks(self):
         """The blocks' weights stacked over layers for the diagonal executor (cached, see `_derived`)."""
         return self._derived("stacked", list(self.base.blocks.parameters()), self.base.stacked_weights)
+
+    def block_graphs(self, lanes: int, width: int):
+        """CUDA graphs of the diagonal step for `lanes` lanes of width T' (model/graphs.py; cached, see `_derived`)."""
+        from .diagonal import pipeline_rope
+        from .graphs import BlockGraphs
+
+        build = lambda: BlockGraphs(self.stacked_blocks(), pipeline_rope(self, lanes, width))  # noqa: E731
+        return self._derived(("graphs", lanes, width), list(self.base.blocks.parameters()), build)
 
     def fused_write(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The write's three projections (W_mk, W_mv, W_mb + b_mb) as one batched matmul for the diagonal

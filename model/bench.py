@@ -11,7 +11,7 @@ import platform
 import resource
 import statistics
 import time
-from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -46,74 +46,117 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn, device, repeats: int) -> float:
-    """Median seconds of `repeats` runs after one warm-up."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
+def timed(fns: dict, device, repeats: int) -> dict:
+    """Median seconds of each of `fns` (name -> callable) over `repeats` rounds, after one warm-up each.
+
+    Each round runs every callable once, in turn, so that a drift of the machine's speed (10-20% between runs on a
+    shared 2-core VM) falls on all of them alike instead of on whichever ran last."""
+    for fn in fns.values():
         fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def with_flags(model: ArmtModel, fn, **flags):
+    """fn run with the model's executor switches (compiled_kernels, cuda_graphs) set, then restored."""
+    def run():
+        saved = {k: getattr(model, k) for k in flags}
+        for k, v in flags.items():
+            setattr(model, k, v)
+        try:
+            return fn()
+        finally:
+            for k, v in saved.items():
+                setattr(model, k, v)
+    return run
+
+
+def variants(compiled: bool, graphs: bool) -> dict:
+    """Name -> executor switches of the diagonal variants timed beside the plain one."""
+    out = {"diagonal_compiled": {"compiled_kernels": True}} if compiled else {}
+    if graphs:
+        out["diagonal_graphs"] = {"cuda_graphs": True}
+    return out
 
 
 @torch.no_grad()
-def measure_length(model: ArmtModel, n_segments: int, repeats: int, with_base: bool, compiled: bool = False) -> dict:
-    """One document of n_segments full segments through each path (+ the diagonal one with compiled kernels)."""
+def measure_length(model: ArmtModel, n_segments: int, repeats: int, with_base: bool, compiled: bool = False,
+                   graphs: bool = False) -> dict:
+    """One document of n_segments full segments through each path, side by side (+ the diagonal one with compiled
+    kernels or CUDA graphs)."""
     T = n_segments * model.config.segment_size
     ids = torch.randint(0, model.base.vocab_size, (1, T), device=model.device)
-    row = {"segments": n_segments, "tokens": T}
-    for name in ("sequential", "diagonal"):
-        row[f"{name}_s"] = timed(lambda: model.ingest(model.new_state(), ids, executor=name), model.device, repeats)
-    if compiled:
-        with compiled_kernels(model):
-            row["diagonal_compiled_s"] = timed(lambda: model.ingest(model.new_state(), ids, executor="diagonal"),
-                                               model.device, repeats)
-        row["diagonal_compiled_over_sequential"] = row["sequential_s"] / row["diagonal_compiled_s"]
+    ingest = lambda executor: lambda: model.ingest(model.new_state(), ids, executor=executor)  # noqa: E731
+    fns = {"sequential": ingest("sequential"), "diagonal": ingest("diagonal")}
+    for name, flags in variants(compiled, graphs).items():
+        fns[name] = with_flags(model, ingest("diagonal"), **flags)
     if with_base:
-        row["base_full_attention_s"] = timed(lambda: model.base.hf.model(ids), model.device, repeats)
+        fns["base_full_attention"] = lambda: model.base.hf.model(ids)
+    row = {"segments": n_segments, "tokens": T}
+    row.update({f"{name}_s": t for name, t in timed(fns, model.device, repeats).items()})
     for key in [k for k in row if k.endswith("_s")]:
         row[key[:-2] + "_tok_per_s"] = T / row[key]
     row["diagonal_over_sequential"] = row["sequential_s"] / row["diagonal_s"]
+    for name in variants(compiled, graphs):
+        row[f"{name}_over_sequential"] = row["sequential_s"] / row[f"{name}_s"]
     if with_base:
         row["diagonal_over_base"] = row["base_full_attention_s"] / row["diagonal_s"]
     return row
 
 
 @torch.no_grad()
-def measure_sessions(model: ArmtModel, n_sessions: int, n_segments: int, repeats: int, compiled: bool = False) -> dict:
+def measure_sessions(model: ArmtModel, n_sessions: int, n_segments: int, repeats: int, compiled: bool = False,
+                     graphs: bool = False) -> dict:
     """n_sessions documents: one shared pipeline (default lanes, and 1 / 2 / n_sessions lanes side by side) vs one
-    after another (diagonal and sequential)."""
+    after another (diagonal and sequential), all timed side by side."""
     T = n_segments * model.config.segment_size
     docs = [torch.randint(0, model.base.vocab_size, (T,), device=model.device) for _ in range(n_sessions)]
     states = [model.new_state() for _ in docs]
-    shared = timed(lambda: model.ingest_many(states, docs), model.device, repeats)
-    one_by_one = {name: timed(lambda: [model.ingest(s, d, executor=name) for s, d in zip(states, docs)],
-                              model.device, repeats) for name in ("diagonal", "sequential")}
-    row = {"sessions": n_sessions, "segments_each": n_segments, "shared_pipeline_s": shared,
-           "one_by_one_diagonal_s": one_by_one["diagonal"], "one_by_one_sequential_s": one_by_one["sequential"],
-           "shared_over_one_by_one_diagonal": one_by_one["diagonal"] / shared,
-           "shared_over_one_by_one_sequential": one_by_one["sequential"] / shared,
-           "shared_by_lanes_s": {n: timed(lambda: model.ingest_many(states, docs, lanes=n), model.device, repeats)
-                                 for n in sorted({1, 2, n_sessions})}}
-    if compiled:
-        with compiled_kernels(model):
-            row["shared_compiled_s"] = timed(lambda: model.ingest_many(states, docs), model.device, repeats)
-        row["shared_compiled_over_one_by_one_sequential"] = one_by_one["sequential"] / row["shared_compiled_s"]
+    fns = {"shared": lambda: model.ingest_many(states, docs)}
+    for name in ("diagonal", "sequential"):
+        fns[f"one_by_one_{name}"] = lambda name=name: [model.ingest(s, d, executor=name) for s, d in zip(states, docs)]
+    lanes = sorted({1, 2, n_sessions})
+    for n in lanes:
+        fns[f"lanes_{n}"] = lambda n=n: model.ingest_many(states, docs, lanes=n)
+    for name, flags in variants(compiled, graphs).items():
+        fns[f"shared_{name[len('diagonal_'):]}"] = with_flags(model, fns["shared"], **flags)
+    t = timed(fns, model.device, repeats)
+    row = {"sessions": n_sessions, "segments_each": n_segments, "shared_pipeline_s": t["shared"],
+           "one_by_one_diagonal_s": t["one_by_one_diagonal"], "one_by_one_sequential_s": t["one_by_one_sequential"],
+           "shared_over_one_by_one_diagonal": t["one_by_one_diagonal"] / t["shared"],
+           "shared_over_one_by_one_sequential": t["one_by_one_sequential"] / t["shared"],
+           "shared_by_lanes_s": {n: t[f"lanes_{n}"] for n in lanes}}
+    for name in variants(compiled, graphs):
+        key = f"shared_{name[len('diagonal_'):]}"
+        row[f"{key}_s"] = t[key]
+        row[f"{key}_over_one_by_one_sequential"] = t["one_by_one_sequential"] / t[key]
     return row
 
 
-@contextmanager
-def compiled_kernels(model: ArmtModel):
-    """The diagonal executor with torch.compile'd kernels (model/kernels.py) inside the block; compiling happens in
-    the timed() warm-up run."""
-    model.compiled_kernels = True
-    try:
-        yield
-    finally:
-        model.compiled_kernels = False
+@torch.no_grad()
+def bf16_drift(preset: str, device, n_segments: int) -> dict:
+    """How far the diagonal executor in bf16 lands from the sequential one in fp32, same weights and tokens.
+
+    Recorded, not asserted (bf16 keeps 8 bits of mantissa): the largest logit difference against the largest
+    logit, how often the top token agrees, and the relative distance of the memory A after the document."""
+    torch.manual_seed(0)
+    model = build(preset, torch.float32, device)
+    ids = torch.randint(0, model.base.vocab_size, (1, n_segments * model.config.segment_size), device=device)
+    ref_logits, ref_state = model.forward_long(ids, executor="sequential")
+    logits, state = model.to(torch.bfloat16).forward_long(ids, executor="diagonal")
+    diff = (logits.float() - ref_logits).abs().max().item()
+    scale = ref_logits.abs().max().item()
+    return {"segments": n_segments, "logits_max_abs_diff": diff, "logits_max_abs": scale,
+            "logits_relative": diff / scale,
+            "top1_agreement": (logits.argmax(-1) == ref_logits.argmax(-1)).float().mean().item(),
+            "memory_A_relative": ((state.A.float() - ref_state.A).norm() / ref_state.A.norm()).item()}
 
 
 def peak_memory(device) -> dict:
@@ -123,9 +166,21 @@ def peak_memory(device) -> dict:
     return out
 
 
-def run(preset: str, segments: list[int], sessions: int, session_segments: int, repeats: int, base_max_tokens: int,
-        dtype=torch.float32, device="cpu", out: Path | None = None, plot: Path | None = None,
-        compiled: bool = False) -> dict:
+@dataclass
+class Options:
+    """What `run` measures besides sequential vs diagonal (the CLI's flags)."""
+
+    sessions: int = 8  # concurrent documents for the shared pipeline (0: skip)
+    session_segments: int = 4
+    repeats: int = 3
+    base_max_tokens: int = 40_000  # longest document for the bare full-attention base
+    compiled: bool = False  # also the diagonal executor with torch.compile'd kernels
+    graphs: bool = False  # also the diagonal executor with CUDA graphs (CUDA only)
+    drift_segments: int = 8  # bf16 diagonal vs fp32 sequential on a document this long (0: skip)
+
+
+def run(preset: str, segments: list[int], opts: Options = Options(), dtype=torch.float32, device="cpu",
+        out: Path | None = None, plot: Path | None = None) -> dict:
     torch.manual_seed(0)
     model = build(preset, dtype, device)
     result = {"preset": preset, "shape": dict(zip(("layers", "hidden", "heads", "segment_size", "mem_tokens",
@@ -133,14 +188,19 @@ def run(preset: str, segments: list[int], sessions: int, session_segments: int, 
               "dtype": str(dtype), "device": str(device), "machine": machine(device), "torch": torch.__version__,
               "state_bytes": model.new_state().nbytes, "lengths": [], "threads": torch.get_num_threads()}
     for n in segments:
-        with_base = n * model.config.segment_size <= base_max_tokens
-        row = measure_length(model, n, repeats, with_base, compiled)
+        with_base = n * model.config.segment_size <= opts.base_max_tokens
+        row = measure_length(model, n, opts.repeats, with_base, opts.compiled, opts.graphs)
         result["lengths"].append(row)
         print(_format_row(row), flush=True)
-    if sessions:
-        result["sessions"] = measure_sessions(model, sessions, session_segments, repeats, compiled)
+    if opts.sessions:
+        result["sessions"] = measure_sessions(model, opts.sessions, opts.session_segments, opts.repeats,
+                                              opts.compiled, opts.graphs)
         print(json.dumps(result["sessions"], indent=1), flush=True)
     result.update(peak_memory(device))
+    if opts.drift_segments:
+        del model
+        result["bf16_drift"] = bf16_drift(preset, device, opts.drift_segments)
+        print("bf16 diagonal vs fp32 sequential:", json.dumps(result["bf16_drift"]), flush=True)
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2))
@@ -152,11 +212,12 @@ def run(preset: str, segments: list[int], sessions: int, session_segments: int, 
 def _format_row(row: dict) -> str:
     base = f" base {row['base_full_attention_tok_per_s']:9.0f} tok/s  diag/base {row['diagonal_over_base']:5.2f}x" \
         if "diagonal_over_base" in row else ""
-    fused = f" compiled {row['diagonal_compiled_tok_per_s']:9.0f} tok/s  /seq " \
-        f"{row['diagonal_compiled_over_sequential']:5.2f}x |" if "diagonal_compiled_s" in row else ""
+    extra = "".join(f" {name[len('diagonal_'):]} {row[name + '_tok_per_s']:9.0f} tok/s  /seq "
+                    f"{row[name + '_over_sequential']:5.2f}x |" for name in ("diagonal_compiled", "diagonal_graphs")
+                    if name + "_s" in row)
     return (f"{row['segments']:5d} seg {row['tokens']:7d} tok | seq {row['sequential_tok_per_s']:9.0f} tok/s "
             f"diag {row['diagonal_tok_per_s']:9.0f} tok/s  diag/seq {row['diagonal_over_sequential']:5.2f}x |"
-            f"{fused}{base}")
+            f"{extra}{base}")
 
 
 def machine(device) -> str:

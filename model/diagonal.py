@@ -26,6 +26,7 @@ import torch
 from .kernels import kernels
 from .memory import project
 from .sequential import split_segments
+from .stacked import rotary
 
 # Sessions side by side, per device type. On a 2-core CPU one lane is fastest (measured, 8 sessions x 4 segments:
 # 8 lanes 15% slower than 1 on the small preset, 2 lanes equal): the step is compute-bound already, and wider
@@ -75,8 +76,11 @@ class DiagonalPipeline:
         self.A_slot = self.A.new_zeros(L, P, *self.A.shape[2:])  # [L, P, d_key, d]
         self.z_slot = self.z.new_zeros(L, P, self.z.shape[-1])  # [L, P, d_key]
         self.H = torch.zeros(L, P, self.width, d, device=dev, dtype=model.dtype)  # slot l: input to layer l
-        positions = torch.arange(self.width, device=dev).repeat(P).unsqueeze(0)  # [1, P*T']: 0..T'-1 per lane
-        self.rope = model.base.rope(self.H[0, :1], positions)
+        if model.cuda_graphs and dev.type == "cuda":
+            self.blocks = model.block_graphs(P, self.width)  # (h, lo, hi, T') from captured CUDA graphs
+        else:
+            rope = pipeline_rope(model, P, self.width)
+            self.blocks = lambda h, lo, hi, T: self.ops.blocks(self.stacked, h, lo, hi, rope, T)  # noqa: E731
         self.logits = [[] for _ in streams]
 
     def _lanes(self, n_lanes: int) -> list[list[Entry]]:
@@ -142,7 +146,7 @@ class DiagonalPipeline:
             if first is not None:
                 y = y * (~first).to(h.dtype).view(-1, 1, 1)
             h = h + y.view(G, P * T, -1)
-        h = self.ops.blocks(self.stacked, h, lo, hi, self.rope, T)  # [G, P*T', d]
+        h = self.blocks(h, lo, hi, T)  # [G, P*T', d]
         if self.M:
             mem = self._memory_outputs(flat, h.view(G * P, T, -1))  # [G*P, M, d]
             kvb = torch.baddbmm(self.b_write[lo:hi].unsqueeze(1), mem.reshape(G, P * self.M, -1),
@@ -182,6 +186,15 @@ class DiagonalPipeline:
         n = entry.end - entry.start
         logits = self.model.base.head(h[self.sink : self.sink + n].unsqueeze(0))[0]  # [n, V]
         self.logits[entry.stream].append(logits)
+
+
+def pipeline_rope(model, lanes: int, width: int) -> torch.Tensor | None:
+    """The rotation of every row of a step, positions 0..T'-1 in each lane: [1, P*T', hd/2] complex, or None for
+    GPT-2 (learned positions, added at layer 0)."""
+    positions = torch.arange(width, device=model.device).repeat(lanes).unsqueeze(0)  # [1, P*T']
+    dummy = torch.zeros(1, 1, device=model.device, dtype=model.dtype)  # rope only reads x's device and dtype
+    rope = model.base.rope(dummy, positions)  # (cos, sin) [1, P*T', hd] or None
+    return rotary(rope) if rope is not None else None
 
 
 def run_streams(model, streams: list[Stream], want_logits: bool = False, max_lanes: int | None = None):

@@ -75,8 +75,13 @@ def associative_lookup(q: torch.Tensor, A: torch.Tensor, z: torch.Tensor) -> tor
     executor computes the features of several lanes in one projection, then looks up per cell)."""
     q = q.to(A.dtype)
     num = torch.bmm(q, A)  # [B, T, d]
-    denom = torch.bmm(q, z.unsqueeze(-1)) + EPS  # [B, T, 1]
-    return num / denom
+    return num / (_dot(q, z) + EPS)
+
+
+def _dot(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """x [B, T, d_key] . z [B, d_key] -> [B, T, 1]. A multiply and a sum, not bmm: torch's CPU bmm of a batch of
+    matrix-vector products is ~4x slower (67 against 12 us for 4 x 80 x 192) than this."""
+    return (x * z.unsqueeze(1)).sum(-1, keepdim=True)
 
 
 def delta_write(
@@ -121,7 +126,7 @@ def delta_update(
     k = feature_map(k_proj, normalize).to(A.dtype)  # [B, M, d_key]
     v = v.to(A.dtype)
     beta = torch.sigmoid(beta_logit).to(A.dtype)  # [B, M, 1]
-    denom = torch.bmm(k, z.unsqueeze(-1)) + EPS  # [B, M, 1]
+    denom = _dot(k, z) + EPS  # [B, M, 1]
     vbar = torch.bmm(k, A) / denom  # [B, M, d]
     if correction:
         k_sq = k.pow(2).sum(-1, keepdim=True)  # [B, M, 1]; |k|^2 as torch.linalg.norm(k) ** 2

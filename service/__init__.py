@@ -1,1 +1,2 @@
-"""The ARMT memory service (HTTP layer and core come with the service issue); for now the `armt` CLI."""
+"""The ARMT memory service: `core` (sessions, stores, the engine worker; no HTTP), `http` (the FastAPI app), the
+`armt` command line (cli*.py) and the Python client (client.py)."""

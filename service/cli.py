@@ -142,20 +142,28 @@ def bench_ingest(
     bf16: bool = typer.Option(False, help="bfloat16 weights (the memory state stays fp32)"),
     compile: bool = typer.Option(False, "--compile", help="also time the diagonal executor with torch.compile'd "
                                                          "kernels (model/kernels.py; needs a C++ compiler on CPU)"),
+    graphs: bool = typer.Option(False, "--graphs", help="also time the diagonal executor with CUDA graphs "
+                                                        "(model/graphs.py; --device cuda only)"),
+    drift_segments: int = typer.Option(8, help="record bf16 diagonal vs fp32 sequential on a document this long "
+                                               "(0: skip)"),
     out: Path = typer.Option(Path("runs/bench-ingest.json"), help="JSON results"),
     plot: Path = typer.Option(Path("runs/bench-ingest.png"), help="PNG of time vs length (needs matplotlib)"),
 ) -> None:
     """Bare base vs sequential vs diagonal ARMT ingest, and N sessions shared vs one by one."""
     import torch
 
-    from model.bench import PRESETS, run
+    from model.bench import PRESETS, Options, run
 
     if preset not in PRESETS:
         typer.echo(f"error: --preset must be one of {sorted(PRESETS)}", err=True)
         raise typer.Exit(2)
+    if graphs and not device.startswith("cuda"):
+        typer.echo("error: --graphs needs --device cuda (CUDA graphs)", err=True)
+        raise typer.Exit(2)
     lengths = [int(x) for x in segments.split(",") if x.strip()]
     dtype = torch.bfloat16 if bf16 else torch.float32
-    run(preset, lengths, sessions, session_segments, repeats, base_max_tokens, dtype, device, out, plot, compile)
+    opts = Options(sessions, session_segments, repeats, base_max_tokens, compile, graphs, drift_segments)
+    run(preset, lengths, opts, dtype, device, out, plot)
 
 
 @app.command()

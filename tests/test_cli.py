@@ -47,3 +47,24 @@ def test_memory_streams_are_a_remember_option(tmp_path):
     result = CliRunner().invoke(app, ["train", "--out", str(tmp_path), "--task", "qa1", "--stream-max", "64"])
     assert result.exit_code == 2 and "--stream-max" in result.output and "remember" in result.output
     assert not (tmp_path / "train_log.jsonl").exists()
+
+
+def test_bench_ingest_writes_ratios_and_bf16_drift(tmp_path):
+    """`armt bench ingest` on the small preset: every path timed, the ratios and the bf16 drift in its JSON."""
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(app, ["bench", "ingest", "--segments", "2", "--sessions", "2", "--session-segments",
+                                      "1", "--repeats", "1", "--drift-segments", "2", "--out", str(out),
+                                      "--plot", str(tmp_path / "bench.png")])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    row = data["lengths"][0]
+    assert row["tokens"] == 128 and row["diagonal_over_sequential"] > 0 and row["diagonal_over_base"] > 0
+    assert data["sessions"]["shared_over_one_by_one_sequential"] > 0
+    drift = data["bf16_drift"]
+    assert 0 < drift["logits_relative"] < 0.1 and 0.5 < drift["top1_agreement"] <= 1.0
+
+
+def test_bench_graphs_need_cuda():
+    result = CliRunner().invoke(app, ["bench", "ingest", "--graphs"])
+    assert result.exit_code == 2
+    assert "--graphs needs --device cuda" in result.output

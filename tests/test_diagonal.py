@@ -119,3 +119,22 @@ def test_cuda_diagonal_matches_cpu_sequential(tmp_path, dtype):
     got = gpu.forward_long(ids.cuda(), executor="diagonal")[0].float().cpu()
     tol = 1e-4 if dtype == torch.float32 else 0.1
     assert float((got - expected).abs().max()) <= tol * float(expected.abs().max())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graphs_replay_the_eager_steps(tmp_path, kind):
+    """model.cuda_graphs: the same kernels replayed, so the same results; captured on the first pipeline, replayed by
+    the next ones, for one document and for several sessions in lanes (graphs per lane count)."""
+    model = _model(kind, tmp_path).to("cuda")
+    ids = torch.randint(0, VOCAB, (2, 97), generator=torch.Generator().manual_seed(2)).cuda()
+    docs = [[(7 * i + j) % (VOCAB - 2) for j in range(n)] for i, n in enumerate((33, 71, 5, 120))]
+    expected = model.forward_long(ids, executor="diagonal")
+    expected_many = model.ingest_many([model.new_state() for _ in docs], docs, lanes=2)
+    model.cuda_graphs = True
+    for _ in range(2):
+        logits, states = model.forward_long(ids, executor="diagonal")
+        _close(logits, expected[0])
+        for got, want in zip(states + model.ingest_many([model.new_state() for _ in docs], docs, lanes=2),
+                             expected[1] + expected_many):
+            _close(got.A, want.A)
+            _close(got.z, want.z)
