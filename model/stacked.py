@@ -92,13 +92,19 @@ def rotary(rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """
     cos, sin = rope
     half = cos.shape[-1] // 2
-    return torch.complex(cos[..., :half].float(), sin[..., :half].float())  # [1, T, hd/2]
+    cos, sin = (_complex_part(x[..., :half]) for x in (cos, sin))  # [1, T, hd/2]
+    return torch.complex(cos, sin)  # [1, T, hd/2] complex64 (complex128 for a float64 model)
 
 
 def _apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
     """x [G, T, H, hd] with interleaved pairs; rot [1, T, hd/2] complex -> rotated [G, T, H, hd] in x's dtype."""
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # [G, T, H, hd/2]
+    pairs = torch.view_as_complex(_complex_part(x).unflatten(-1, (-1, 2)))  # [G, T, H, hd/2]
     return torch.view_as_real(pairs * rot.unsqueeze(2)).flatten(-2).to(x.dtype)  # [G, T, H, hd]
+
+
+def _complex_part(x: torch.Tensor) -> torch.Tensor:
+    """x as the real type of a complex one: float32 and float64 as they are, half types in float32."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
 def _interleave_pairs(w: torch.Tensor, n_heads: int) -> torch.Tensor:
