@@ -8,24 +8,15 @@ sequential path calls, so that the two compiled runs fuse comparable work. Same 
 """
 from __future__ import annotations
 
-import argparse
-
 import torch
 
 
 @torch.no_grad()
 def main() -> None:
     import model.armt as armt
-    from model.bench import build, timed, with_flags
+    from model.bench import preset_document, timed, with_flags
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="small")
-    parser.add_argument("--segments", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
-    torch.manual_seed(0)
-    m = build(args.preset)
-    ids = torch.randint(0, m.base.vocab_size, (1, args.segments * m.config.segment_size))
+    args, m, ids = preset_document(description=__doc__.splitlines()[0])
 
     def ingest(executor):
         return lambda: m.ingest(m.new_state(), ids, executor=executor)

@@ -41,6 +41,22 @@ def build(preset: str, dtype=torch.float32, device="cpu") -> ArmtModel:
     return model.to(device=device, dtype=dtype).eval()
 
 
+def preset_document(argv: list[str] | None = None, description: str = ""):
+    """The bench scripts' common command line (--preset, --segments, --repeats) -> (args, model, ids [1, T]): the
+    preset's random model (seed 0) and a random document of that many full segments."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--preset", default="small", choices=sorted(PRESETS))
+    parser.add_argument("--segments", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    model = build(args.preset)
+    ids = torch.randint(0, model.base.vocab_size, (1, args.segments * model.config.segment_size))
+    return args, model, ids
+
+
 def _sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
@@ -114,7 +130,7 @@ def measure_length(model: ArmtModel, n_segments: int, repeats: int, with_base: b
 @torch.no_grad()
 def measure_sessions(model: ArmtModel, n_sessions: int, n_segments: int, repeats: int, compiled: bool = False,
                      graphs: bool = False) -> dict:
-    """n_sessions documents: one shared pipeline (default lanes, and 1 / 2 / n_sessions lanes side by side) vs one
+    """n_sessions documents: one shared pipeline (default lanes, and 1 / 2 / 4 / n_sessions lanes side by side) vs one
     after another (diagonal and sequential), all timed side by side."""
     T = n_segments * model.config.segment_size
     docs = [torch.randint(0, model.base.vocab_size, (T,), device=model.device) for _ in range(n_sessions)]
@@ -122,7 +138,7 @@ def measure_sessions(model: ArmtModel, n_sessions: int, n_segments: int, repeats
     fns = {"shared": lambda: model.ingest_many(states, docs)}
     for name in ("diagonal", "sequential"):
         fns[f"one_by_one_{name}"] = lambda name=name: [model.ingest(s, d, executor=name) for s, d in zip(states, docs)]
-    lanes = sorted({1, 2, n_sessions})
+    lanes = sorted({1, 2, 4, n_sessions})
     for n in lanes:
         fns[f"lanes_{n}"] = lambda n=n: model.ingest_many(states, docs, lanes=n)
     for name, flags in variants(compiled, graphs).items():

@@ -28,11 +28,11 @@ from .memory import project
 from .sequential import split_segments
 from .stacked import rotary
 
-# Sessions side by side, per device type. On a 2-core CPU one lane is fastest (measured, 8 sessions x 4 segments:
-# 8 lanes 15% slower than 1 on the small preset, 2 lanes equal): the step is compute-bound already, and wider
-# activations fall out of cache. On a GPU, lanes are what fills the device (the activation buffer is
-# L x lanes x T' x d); that default is not measured yet.
-LANES = {"cpu": 1, "cuda": 16}
+# Sessions side by side, per device type. On a 2-core CPU 4 lanes are fastest (measured side by side, small preset,
+# 8 x 4, 16 x 4 and 4 x 16 segments: 4 lanes 1.2-1.5x faster than 1, 8 lanes 10-20% slower than 4 as their
+# activations fall out of cache; the compute-bound medium preset is within 5% for 1 to 8). On a GPU, lanes are what
+# fills the device (the activation buffer is L x lanes x T' x d); that default is not measured yet.
+LANES = {"cpu": 4, "cuda": 16}
 
 
 @dataclass
@@ -189,7 +189,7 @@ class DiagonalPipeline:
 
 
 def pipeline_rope(model, lanes: int, width: int) -> torch.Tensor | None:
-    """The rotation of every row of a step, positions 0..T'-1 in each lane: [1, P*T', hd/2] complex, or None for
+    """The rotation of every row of a step, positions 0..T'-1 in each lane: [1, P*T', hd/2, 2], or None for
     GPT-2 (learned positions, added at layer 0)."""
     positions = torch.arange(width, device=model.device).repeat(lanes).unsqueeze(0)  # [1, P*T']
     dummy = torch.zeros(1, 1, device=model.device, dtype=model.dtype)  # rope only reads x's device and dtype

@@ -23,7 +23,7 @@ class BlockGraphs:
 
     def __init__(self, stacked: StackedBlocks, rope: torch.Tensor | None):
         self.stacked = stacked
-        self.rope = rope  # static [1, P*T', hd/2] complex (LLaMA) or None: the graphs read it by address
+        self.rope = rope  # static [1, P*T', hd/2, 2] (LLaMA) or None: the graphs read it by address
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[tuple, tuple[torch.Tensor, torch.cuda.CUDAGraph, torch.Tensor]] = {}
 

@@ -37,7 +37,7 @@ class StackedBlocks:
 
         A layer's R rows may hold several lanes' segments of seq_len tokens each (R = lanes x seq_len): they share
         the layer's weights in every matmul and attend only within their own segment.
-        rope: rotary((cos, sin)) [1, R, hd/2] complex (LLaMA), None (GPT-2).
+        rope: rotary((cos, sin)) [1, R, hd/2, 2] (LLaMA), None (GPT-2).
         """
         if self.kind == "llama":
             return _llama_blocks(self, h, lo, hi, rope, seq_len)
@@ -83,23 +83,29 @@ def _llama_blocks(sb: StackedBlocks, h: torch.Tensor, lo: int, hi: int, rope, se
 
 
 def rotary(rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """HF's (cos, sin) [1, T, hd] -> the rotation as complex numbers [1, T, hd/2] (the form _apply_rope takes).
+    """HF's (cos, sin) [1, T, hd] -> the rotation of each pair, (cos, sin) [1, T, hd/2, 2] (what _apply_rope takes).
 
     HF rotates each head's pairs (i, i + hd/2) by the angle whose cos/sin sit at i and i + hd/2 (equal halves);
     stack_llama interleaves q's and k's columns so that pair i is adjacent, (2i, 2i + 1), and one complex multiply
     rotates it (~30 us for a 4-cell step against ~80 for HF's mul / rotate_half / mul / add). q . k is unchanged
-    by a permutation applied to both, so attention is the same.
+    by a permutation applied to both, so attention is the same. Stored real, so that torch.compile (which
+    generates no code for complex numbers) can take the same tensor.
     """
     cos, sin = rope
     half = cos.shape[-1] // 2
-    cos, sin = (_complex_part(x[..., :half]) for x in (cos, sin))  # [1, T, hd/2]
-    return torch.complex(cos, sin)  # [1, T, hd/2] complex64 (complex128 for a float64 model)
+    return torch.stack([_complex_part(x[..., :half]) for x in (cos, sin)], dim=-1)  # [1, T, hd/2, 2]
 
 
 def _apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
-    """x [G, T, H, hd] with interleaved pairs; rot [1, T, hd/2] complex -> rotated [G, T, H, hd] in x's dtype."""
-    pairs = torch.view_as_complex(_complex_part(x).unflatten(-1, (-1, 2)))  # [G, T, H, hd/2]
-    return torch.view_as_real(pairs * rot.unsqueeze(2)).flatten(-2).to(x.dtype)  # [G, T, H, hd]
+    """x [G, T, H, hd] with interleaved pairs; rot [1, T, hd/2, 2] (rotary) -> rotated [G, T, H, hd] in x's dtype."""
+    pairs = _complex_part(x).unflatten(-1, (-1, 2))  # [G, T, H, hd/2, 2]
+    rot = rot.unsqueeze(2)  # [1, T, 1, hd/2, 2]
+    if torch.compiler.is_compiling():  # real arithmetic, fused by inductor: (a + ib)(c + is)
+        a, b, c, s = pairs[..., 0], pairs[..., 1], rot[..., 0], rot[..., 1]
+        out = torch.stack([a * c - b * s, b * c + a * s], dim=-1)  # [G, T, H, hd/2, 2]
+    else:  # one complex multiply (views, no copies)
+        out = torch.view_as_real(torch.view_as_complex(pairs) * torch.view_as_complex(rot))
+    return out.flatten(-2).to(x.dtype)  # [G, T, H, hd]
 
 
 def _complex_part(x: torch.Tensor) -> torch.Tensor:
