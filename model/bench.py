@@ -95,10 +95,10 @@ def with_flags(model: ArmtModel, fn, **flags):
 
 
 def variants(compiled: bool, graphs: bool) -> dict:
-    """Name -> executor switches of the diagonal variants timed beside the plain one."""
-    out = {"diagonal_compiled": {"compiled_kernels": True}} if compiled else {}
+    """Name -> executor switches of the diagonal variants timed beside the plain one (keys diagonal_<name>...)."""
+    out = {"compiled": {"compiled_kernels": True}} if compiled else {}
     if graphs:
-        out["diagonal_graphs"] = {"cuda_graphs": True}
+        out["graphs"] = {"cuda_graphs": True}
     return out
 
 
@@ -112,7 +112,7 @@ def measure_length(model: ArmtModel, n_segments: int, repeats: int, with_base: b
     ingest = lambda executor: lambda: model.ingest(model.new_state(), ids, executor=executor)  # noqa: E731
     fns = {"sequential": ingest("sequential"), "diagonal": ingest("diagonal")}
     for name, flags in variants(compiled, graphs).items():
-        fns[name] = with_flags(model, ingest("diagonal"), **flags)
+        fns[f"diagonal_{name}"] = with_flags(model, ingest("diagonal"), **flags)
     if with_base:
         fns["base_full_attention"] = lambda: model.base.hf.model(ids)
     row = {"segments": n_segments, "tokens": T}
@@ -121,7 +121,7 @@ def measure_length(model: ArmtModel, n_segments: int, repeats: int, with_base: b
         row[key[:-2] + "_tok_per_s"] = T / row[key]
     row["diagonal_over_sequential"] = row["sequential_s"] / row["diagonal_s"]
     for name in variants(compiled, graphs):
-        row[f"{name}_over_sequential"] = row["sequential_s"] / row[f"{name}_s"]
+        row[f"diagonal_{name}_over_sequential"] = row["sequential_s"] / row[f"diagonal_{name}_s"]
     if with_base:
         row["diagonal_over_base"] = row["base_full_attention_s"] / row["diagonal_s"]
     return row
@@ -142,7 +142,7 @@ def measure_sessions(model: ArmtModel, n_sessions: int, n_segments: int, repeats
     for n in lanes:
         fns[f"lanes_{n}"] = lambda n=n: model.ingest_many(states, docs, lanes=n)
     for name, flags in variants(compiled, graphs).items():
-        fns[f"shared_{name[len('diagonal_'):]}"] = with_flags(model, fns["shared"], **flags)
+        fns[f"shared_{name}"] = with_flags(model, fns["shared"], **flags)
     t = timed(fns, model.device, repeats)
     row = {"sessions": n_sessions, "segments_each": n_segments, "shared_pipeline_s": t["shared"],
            "one_by_one_diagonal_s": t["one_by_one_diagonal"], "one_by_one_sequential_s": t["one_by_one_sequential"],
@@ -150,9 +150,8 @@ def measure_sessions(model: ArmtModel, n_sessions: int, n_segments: int, repeats
            "shared_over_one_by_one_sequential": t["one_by_one_sequential"] / t["shared"],
            "shared_by_lanes_s": {n: t[f"lanes_{n}"] for n in lanes}}
     for name in variants(compiled, graphs):
-        key = f"shared_{name[len('diagonal_'):]}"
-        row[f"{key}_s"] = t[key]
-        row[f"{key}_over_one_by_one_sequential"] = t["one_by_one_sequential"] / t[key]
+        row[f"shared_{name}_s"] = t[f"shared_{name}"]
+        row[f"shared_{name}_over_one_by_one_sequential"] = t["one_by_one_sequential"] / t[f"shared_{name}"]
     return row
 
 
@@ -228,9 +227,9 @@ def run(preset: str, segments: list[int], opts: Options = Options(), dtype=torch
 def _format_row(row: dict) -> str:
     base = f" base {row['base_full_attention_tok_per_s']:9.0f} tok/s  diag/base {row['diagonal_over_base']:5.2f}x" \
         if "diagonal_over_base" in row else ""
-    extra = "".join(f" {name[len('diagonal_'):]} {row[name + '_tok_per_s']:9.0f} tok/s  /seq "
-                    f"{row[name + '_over_sequential']:5.2f}x |" for name in ("diagonal_compiled", "diagonal_graphs")
-                    if name + "_s" in row)
+    extra = "".join(f" {name} {row[f'diagonal_{name}_tok_per_s']:9.0f} tok/s  /seq "
+                    f"{row[f'diagonal_{name}_over_sequential']:5.2f}x |" for name in ("compiled", "graphs")
+                    if f"diagonal_{name}_s" in row)
     return (f"{row['segments']:5d} seg {row['tokens']:7d} tok | seq {row['sequential_tok_per_s']:9.0f} tok/s "
             f"diag {row['diagonal_tok_per_s']:9.0f} tok/s  diag/seq {row['diagonal_over_sequential']:5.2f}x |"
             f"{extra}{base}")

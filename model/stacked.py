@@ -29,6 +29,10 @@ class StackedBlocks:
     act: Callable[[torch.Tensor], torch.Tensor]
     scales: list[float]  # per-layer softmax scale (differs per layer only with GPT-2 inverse-layer-idx scaling)
 
+    def __post_init__(self):
+        # the scales on the device too, for a step whose layers differ (a CUDA graph allows no host copy)
+        self.w["scale"] = torch.tensor(self.scales, device=self.w["qkv"].device)  # [L] fp32
+
     def __call__(
         self, h: torch.Tensor, lo: int, hi: int, rope: tuple[torch.Tensor, torch.Tensor] | None,
         seq_len: int | None = None,
@@ -52,7 +56,7 @@ class StackedBlocks:
         scales = self.scales[lo:hi]
         softmax_scale = scales[0]
         if any(s != softmax_scale for s in scales):  # fold each layer's own scale into its queries
-            q = q * self.w["scale"][lo:hi].to(q.dtype).view(G, 1, 1, 1)  # (a device tensor: CUDA graphs allow no copy)
+            q = q * self.w["scale"][lo:hi].to(q.dtype).view(G, 1, 1, 1)
             softmax_scale = 1.0
         # [G, R, H, hd] -> [G * R/T, H, T, hd]: one attention batch row per (layer, lane) cell
         q, k, v = (x.reshape(-1, T, *x.shape[2:]).transpose(1, 2) for x in (q, k, v))
@@ -166,10 +170,8 @@ def stack_llama(blocks, config) -> StackedBlocks:
         w["gate_up_b"] = _stack([torch.cat([m.gate_proj.bias, m.up_proj.bias]) for m in mlp])
         w["down_b"] = _stack([m.down_proj.bias for m in mlp])
     head_dim = attn[0].head_dim
-    scales = [float(a.scaling) for a in attn]
-    w["scale"] = torch.tensor(scales, device=w["qkv"].device)  # [L] fp32
     return StackedBlocks("llama", w, config.num_attention_heads, config.num_key_value_heads, head_dim,
-                         config.rms_norm_eps, mlp[0].act_fn, scales)
+                         config.rms_norm_eps, mlp[0].act_fn, [float(a.scaling) for a in attn])
 
 
 def stack_gpt2(blocks, config) -> StackedBlocks:
@@ -183,7 +185,5 @@ def stack_gpt2(blocks, config) -> StackedBlocks:
         "proj": _stack([b.mlp.c_proj.weight for b in blocks]), "proj_b": _stack([b.mlp.c_proj.bias for b in blocks]),
     }
     head_dim = config.n_embd // config.n_head
-    scales = [float(b.attn.scaling) for b in blocks]
-    w["scale"] = torch.tensor(scales, device=w["qkv"].device)  # [L] fp32
     return StackedBlocks("gpt2", w, config.n_head, config.n_head, head_dim, config.layer_norm_epsilon,
-                         blocks[0].mlp.act, scales)
+                         blocks[0].mlp.act, [float(b.attn.scaling) for b in blocks])
