@@ -69,6 +69,13 @@ def test_diagonal_variants(tmp_path, variant):
     _close(model.forward_long(ids, executor="diagonal")[0], model.forward_long(ids, executor="sequential")[0])
 
 
+def test_gpt2_per_layer_attention_scales(tmp_path):
+    """scale_attn_by_inverse_layer_idx: a step's layers have different softmax scales, folded into the queries."""
+    model = _model("gpt2", tmp_path, scale_attn_by_inverse_layer_idx=True)
+    ids = torch.randint(0, VOCAB, (1, 67), generator=torch.Generator().manual_seed(1))
+    _close(model.forward_long(ids, executor="diagonal")[0], model.forward_long(ids, executor="sequential")[0])
+
+
 def test_ingest_and_generate_through_diagonal(kind, tmp_path):
     model = _model(kind, tmp_path)
     rng = random.Random(0)
