@@ -108,7 +108,7 @@ class ArmtEngineMixin:
     def ingest_many(self, states: Sequence[MemoryState], ids_list: Sequence[IdsLike],
                     lanes: int | None = None) -> list[MemoryState]:
         """`ingest` for several sessions at once through one diagonal pipeline: up to `lanes` sessions side by side
-        sharing each layer's weights (default model/diagonal.py LANES: 1 on a CPU, 16 on a GPU), more following
+        sharing each layer's weights (default model/diagonal.py LANES: 4 on a CPU, 16 on a GPU), more following
         back to back in each lane (no drain between them).
 
         Each result equals `ingest(states[i], ids_list[i])` run alone.

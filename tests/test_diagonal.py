@@ -39,6 +39,23 @@ def test_diagonal_equals_sequential(kind, tmp_path, n_segments):
         assert (a.segments, a.tokens) == (b.segments, b.tokens)
 
 
+def test_one_lane_of_documents_with_short_last_segments(kind, tmp_path):
+    """Streams back to back in one lane, each ending in a short segment, the first longer than the pipeline's
+    layer-0 prefetch (model/diagonal.py PREFETCH): logits and memory equal each document's sequential run."""
+    from model.diagonal import PREFETCH, Stream, run_streams
+
+    model = _model(kind, tmp_path)
+    gen = torch.Generator().manual_seed(3)
+    docs = [torch.randint(0, VOCAB, (n,), generator=gen) for n in (10 * (PREFETCH + 4) - 3, 5, 10 * 3 - 7, 10)]
+    A, z = model.new_state().A, model.new_state().z
+    logits, A_out, z_out = run_streams(model, [Stream(d, A, z, True) for d in docs], want_logits=True, max_lanes=1)
+    for i, doc in enumerate(docs):
+        seq_logits, seq_state = model.forward_long(doc.unsqueeze(0), executor="sequential")
+        _close(logits[i], seq_logits[0])
+        _close(A_out[i], seq_state.A)
+        _close(z_out[i], seq_state.z)
+
+
 def test_weights_changed_in_place_reach_the_diagonal_executor(tmp_path):
     """Its stacked block weights and fused write projections are cached; an in-place change (an optimizer step)
     must rebuild them."""
