@@ -114,9 +114,11 @@ def measure_length(model: ArmtModel, n_segments: int, repeats: int, with_base: b
     for name, flags in variants(compiled, graphs).items():
         fns[f"diagonal_{name}"] = with_flags(model, ingest("diagonal"), **flags)
     if with_base:
-        fns["base_full_attention"] = lambda: model.base.hf.model(ids)
+        fns["base_full_attention"] = lambda: model.base.hf.model(ids, use_cache=False)  # no KV cache to build
     row = {"segments": n_segments, "tokens": T}
     row.update({f"{name}_s": t for name, t in timed(fns, model.device, repeats).items()})
+    if model.device.type == "cuda":
+        row.update({f"{name}_cuda_peak_bytes": b for name, b in cuda_peaks(fns).items()})
     for key in [k for k in row if k.endswith("_s")]:
         row[key[:-2] + "_tok_per_s"] = T / row[key]
     row["diagonal_over_sequential"] = row["sequential_s"] / row["diagonal_s"]
@@ -174,7 +176,22 @@ def bf16_drift(preset: str, device, n_segments: int) -> dict:
             "memory_A_relative": ((state.A.float() - ref_state.A).norm() / ref_state.A.norm()).item()}
 
 
+def cuda_peaks(fns: dict) -> dict:
+    """Per path, the most CUDA memory it held beyond what was allocated before it ran (weights, inputs)."""
+    peaks = {}
+    for name, fn in fns.items():
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        peaks[name] = torch.cuda.max_memory_allocated() - before
+    return peaks
+
+
 def peak_memory(device) -> dict:
+    """The process's peaks: RSS (on a CPU it includes building the model) and, on a GPU, CUDA memory since the last
+    per-path measurement (see cuda_peaks for each path's own)."""
     out = {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     if torch.device(device).type == "cuda":
         out["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()

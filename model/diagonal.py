@@ -86,6 +86,7 @@ class DiagonalPipeline:
             self.blocks = lambda h, lo, hi, T: self.ops.blocks(self.stacked, h, lo, hi, rope, T)  # noqa: E731
         self.logits = [[] for _ in streams]
         self.ready: list[tuple[int, torch.Tensor] | None] = [None] * P  # per lane: (first entry, inputs [k, T', d])
+        self.masks: dict[tuple[bool, ...], torch.Tensor] = {}  # blank-cell pattern -> [G*P] bool on the device
 
     def _lanes(self, n_lanes: int) -> list[list[Entry]]:
         """Streams spread over lanes, longest first onto the least loaded lane; a lane's streams keep their order."""
@@ -156,9 +157,9 @@ class DiagonalPipeline:
         flat = [e for row in cells for e in row]  # G*P cells, layer-major: cell g*P + p is (lo + g, lane p)
         # decided on the host (no device sync): masks only when some cell must not read (a session's first
         # segment, or an idle lane slot, which also writes as if first so that its stale memory stays inert)
-        blank = [e is None or e.first for e in flat]
+        blank = tuple(e is None or e.first for e in flat)
         n_blank = sum(blank)
-        first = torch.tensor(blank, device=m.device) if n_blank else None  # [G*P] bool
+        first = self._mask(blank) if n_blank else None  # [G*P] bool
         A, z = self.A_slot[lo:hi].flatten(0, 1), self.z_slot[lo:hi].flatten(0, 1)  # [G*P, d_key, d], [G*P, d_key]
         h = self.H[lo:hi].view(G, P * T, -1)  # [G, P*T', d]: a layer's lanes share its weights
         if n_blank < len(flat):  # some cell reads
@@ -179,6 +180,17 @@ class DiagonalPipeline:
             self.z_slot[lo:hi] = z.view(G, P, -1)
         self._move_memories(cells, lo, load=False)
         return h.view(G, P, T, -1)
+
+    def _mask(self, blank: tuple[bool, ...]) -> torch.Tensor:
+        """The device copy of a blank-cell pattern, made once per pattern (a pipeline sees few: filling, session
+        boundaries, idle lanes). On a GPU it goes through pinned memory, asynchronously: a plain copy from pageable
+        memory would wait for every kernel queued so far."""
+        if blank not in self.masks:
+            mask = torch.tensor(blank)  # [G*P] bool
+            if self.model.device.type == "cuda":
+                mask = mask.pin_memory()
+            self.masks[blank] = mask.to(self.model.device, non_blocking=True)
+        return self.masks[blank]
 
     def _move_memories(self, cells: list[list[Entry | None]], lo: int, load: bool) -> None:
         """A session's memory enters its lane slot with its first segment here and leaves with its last: copies at

@@ -31,7 +31,7 @@ class ArmtEngineMixin:
         """Validate token ids; returns a [B, T] int64 tensor on the model's device."""
         if not isinstance(ids, torch.Tensor):
             try:
-                ids = torch.tensor(list(ids), dtype=torch.int64)
+                ids = torch.tensor(list(ids), dtype=torch.int64, device=self.device)  # a list is on no device
             except (TypeError, ValueError, RuntimeError) as e:
                 raise ValueError(f"{name} must be integer token ids: {e}") from None
         if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:

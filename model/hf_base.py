@@ -73,6 +73,24 @@ class BaseAdapter(nn.Module):
         self.blocks = blocks
         self.d_model = hf_model.get_input_embeddings().embedding_dim
         self.vocab_size = hf_model.get_input_embeddings().num_embeddings
+        rotary = self._rotary()
+        # plain attributes, which casts leave alone: the rotary buffers as built (fp32)
+        self._rope_fp32 = {} if rotary is None else {
+            name: buf.detach().float().clone() for name, buf in rotary.named_buffers(recurse=False)
+            if name.endswith("inv_freq")}
+
+    def _rotary(self) -> nn.Module | None:
+        return getattr(getattr(self.hf, "model", None), "rotary_emb", None)
+
+    def _apply(self, fn, recurse=True):
+        """Casts (model.to(torch.bfloat16), .half()) keep RoPE's inverse frequencies in fp32, as HF's from_config
+        and from_pretrained with a dtype do: rounded to bf16 they turn the angle at position ~1000 by up to ~1.7
+        rad, so a cast model would drift from a loaded one far beyond bf16 arithmetic."""
+        out = super()._apply(fn, recurse)
+        rotary = self._rotary()
+        for name, fp32 in self._rope_fp32.items():
+            setattr(rotary, name, fp32.to(getattr(rotary, name).device))
+        return out
 
     @property
     def n_layers(self) -> int:

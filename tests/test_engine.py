@@ -165,3 +165,16 @@ def test_extreme_temperatures_sample_without_nan(temperature):
     generator = torch.Generator().manual_seed(0)
     token = sample(logits, SamplingParams(temperature=temperature, top_p=0.5), generator)
     assert token == 1 if temperature < 1 else 0 <= token < 4
+
+
+def test_a_cast_keeps_rope_in_fp32(tmp_path):
+    """model.to(bf16) rotates by the same angles as loading in bf16: HF keeps RoPE's inverse frequencies in fp32 when
+    it builds or loads in a dtype, and a cast must not round them (at position ~1000 that is ~1 rad)."""
+    ref = build_reference("llama", segment_size=10)
+    loaded = ArmtModel.from_pretrained(write_official(ref, tmp_path), dtype=torch.bfloat16)
+    cast = ArmtModel.from_pretrained(write_official(ref, tmp_path)).to(torch.bfloat16)
+    positions = torch.arange(0, 4000, 7).unsqueeze(0)  # [1, T]
+    x = torch.zeros(1, 1, dtype=torch.bfloat16)
+    for got, want in zip(cast.base.rope(x, positions), loaded.base.rope(x, positions)):
+        assert_close(got, want, rtol=0, atol=0)
+    assert cast.base.hf.model.rotary_emb.inv_freq.dtype == torch.float32
