@@ -3,8 +3,9 @@
 A diagonal step of a small model launches a few dozen kernels of microseconds each; on a GPU the launches, not the
 math, then set the pace. A CUDA graph records one step's kernels once and replays them with a single launch. A
 step's shapes depend only on its active layer range (lo, hi), the lanes and the padded segment width T', so a
-pipeline of L layers needs at most 2L - 1 graphs (filling, full, draining), each captured on first use and kept with
-the model's stacked weights (rebuilt when the weights change, see ArmtModel._derived).
+document of at least L segments needs 2L - 1 graphs (filling, full, draining); shorter ones add ranges of their own,
+up to L(L + 1) / 2 in all. Each is captured on first use and kept with the model's stacked weights (rebuilt when the
+weights change, see ArmtModel._derived), holding its own input and output buffers ([G, P*T', d] each).
 
 A replay reads its input from a static buffer and writes a static output. The pipeline copies each step's input in
 and consumes the output (memory write, next layer's input, logits) before the next replay of any graph, which is
