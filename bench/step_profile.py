@@ -7,7 +7,9 @@
    preset's layer count), so the time is Python, dispatch and allocation: per diagonal step and per sequential
    segment;
 2. the preset on 1 and on 2 threads, side by side: how much each executor gains from the second core;
-3. one pipeline run under torch.profiler: the share of the batched matmuls in the diagonal executor's op time.
+3. one pipeline run under torch.profiler: the share of the batched matmuls in the diagonal executor's op time;
+4. minor page faults per sequential segment, per diagonal step, and per shared-pipeline step of 8 sessions x 4
+   segments (run once more with ARMT_KEEP_HEAP=0 for glibc's default heap settings, see model/heap.py).
 """
 from __future__ import annotations
 
@@ -61,6 +63,25 @@ def matmul_share(model, ids) -> dict:
     return {"matmul_share": round(mm / total, 3), "top_ops_ms": {k: round(v / 1e3, 1) for k, v in top}}
 
 
+@torch.no_grad()
+def page_faults(model, ids, segments: int) -> dict:
+    """Minor page faults per sequential segment, diagonal step and shared-pipeline step (8 x 4 sessions, 4 lanes)."""
+    import resource
+
+    docs = [ids[0, : 4 * model.config.segment_size]] * 8
+    runs = {"sequential_per_segment": (_ingest(model, ids, "sequential"), segments),
+            "diagonal_per_step": (_ingest(model, ids, "diagonal"), segments + model.n_layers - 1),
+            "shared_8x4_per_step": (lambda: model.ingest_many([model.new_state() for _ in docs], docs, lanes=4),
+                                    8 + model.n_layers - 1)}
+    out = {}
+    for name, (fn, steps) in runs.items():
+        fn()
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        fn()
+        out[name] = round((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / steps, 1)
+    return out
+
+
 def main() -> None:
     from model.bench import preset_document
 
@@ -73,6 +94,7 @@ def main() -> None:
               f"segment), diagonal {ms['diagonal']} ms ({ms['diagonal'] / steps:.2f} per step), "
               f"diag/seq {ms['sequential'] / ms['diagonal']:.2f}x")
     print("diagonal op time:", matmul_share(model, ids))
+    print("minor page faults:", page_faults(model, ids, args.segments))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .heap import keep_freed_heap
 from .kernels import kernels
 from .memory import project
 from .sequential import split_segments
@@ -66,6 +67,8 @@ class DiagonalPipeline:
         cfg, dev = model.config, model.device
         self.M, self.sink = cfg.num_mem_tokens, int(cfg.use_sink)
         self.width = self.sink + cfg.segment_size + self.M  # T'
+        if dev.type == "cpu":
+            keep_freed_heap()  # its temporaries would otherwise be page-faulted in again every step (model/heap.py)
         max_lanes = max_lanes or LANES.get(dev.type, 1)
         self.lanes = self._lanes(max(1, min(max_lanes, len(streams))))  # per lane: its entries in order
         self.stacked = model.stacked_blocks()

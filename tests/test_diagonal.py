@@ -162,3 +162,21 @@ def test_cuda_graphs_replay_the_eager_steps(tmp_path, kind):
                              expected[1] + expected_many):
             _close(got.A, want.A)
             _close(got.z, want.z)
+
+
+@pytest.mark.parametrize("setting, applied", [(None, True), ("0", False)])
+def test_heap_settings_on_a_cpu_and_their_opt_out(setting, applied):
+    """model/heap.py: glibc's trim and mmap thresholds set on the first diagonal pipeline (Linux, glibc), left alone
+    with ARMT_KEEP_HEAP=0; a fresh process each, as the settings are process-wide."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ)
+    env.pop("ARMT_KEEP_HEAP", None)
+    if setting is not None:
+        env["ARMT_KEEP_HEAP"] = setting
+    code = "from model.heap import keep_freed_heap; print(keep_freed_heap(), keep_freed_heap())"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    expected = applied and sys.platform.startswith("linux")
+    assert out.split() == [str(expected)] * 2
