@@ -9,7 +9,7 @@
 2. the preset on 1 and on 2 threads, side by side: how much each executor gains from the second core;
 3. one pipeline run under torch.profiler: the share of the batched matmuls in the diagonal executor's op time;
 4. minor page faults per sequential segment, per diagonal step, and per shared-pipeline step of 8 sessions x 4
-   segments (run once more with ARMT_KEEP_HEAP=0 for glibc's default heap settings, see model/heap.py).
+   segments, a mean over 5 runs (once more with ARMT_KEEP_HEAP=0 for glibc's default heap settings: model/heap.py).
 """
 from __future__ import annotations
 
@@ -74,11 +74,12 @@ def page_faults(model, ids, segments: int) -> dict:
             "shared_8x4_per_step": (lambda: model.ingest_many([model.new_state() for _ in docs], docs, lanes=4),
                                     8 + model.n_layers - 1)}
     out = {}
-    for name, (fn, steps) in runs.items():
+    for name, (fn, steps) in runs.items():  # faults come in bursts: a mean over 5 runs
         fn()
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        fn()
-        out[name] = round((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / steps, 1)
+        for _ in range(5):
+            fn()
+        out[name] = round((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / (5 * steps), 1)
     return out
 
 

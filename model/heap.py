@@ -1,13 +1,14 @@
 """glibc heap settings for the diagonal executor on a CPU.
 
 A diagonal step allocates a few MB of temporaries and frees them at its end (with 4 lanes of the small preset, the
-FFN's [L, lanes * T', 2 ff] alone is 5 MB). Under glibc's default, adaptive thresholds, freeing that much trims the
-top of the heap back to the OS, and the next step page-faults it all in again: ~70 minor faults a step, 4,800 per
-64-segment document, against ~10 for the sequential executor, whose per-layer temporaries stay under the threshold.
-A higher trim threshold keeps the memory for reuse; the mmap threshold must be fixed along with it, because setting
-either stops glibc adapting both. Measured (alternating processes, 3 pairs, small preset, 2-core CPU): 8 sessions x
-4 segments through the shared pipeline 2.41x one-by-one sequential against 2.06x, one document within noise, peak
-RSS unchanged (420 MB).
+FFN's [L, lanes * T', 2 ff] alone is 5 MB). glibc returns free memory at the top of its heap to the OS once more
+than its trim threshold is free, and gives blocks above its mmap threshold their own mapping, unmapped on free; both
+thresholds start low (128 KB, 256 KB) and only grow as large blocks are freed. Until they have grown, every step
+page-faults its temporaries in again. Measured in fresh processes (small preset, 2-core CPU, 8 runs each of 8
+sessions x 4 segments through the shared pipeline): 8,600 minor faults and 137 ms per run on average with glibc's
+defaults, 2,600 and 111 ms with these settings; after a few thousand steps the defaults catch up. Fixing both high
+from the first pipeline gives a fresh process (a benchmark, a new replica) that steady state at once; setting
+either stops glibc adapting both, hence both. Peak RSS unchanged (420 MB).
 
 Process-wide, set once, on the first diagonal pipeline on a CPU. ARMT_KEEP_HEAP=0 leaves glibc's defaults; other C
 libraries (musl) are left alone.
