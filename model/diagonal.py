@@ -29,10 +29,10 @@ from .memory import project
 from .sequential import split_segments
 from .stacked import rotary
 
-# Sessions side by side, per device type. On a 2-core CPU 4 lanes are fastest (measured side by side, small preset,
-# 8 x 4, 16 x 4 and 4 x 16 segments: 4 lanes 1.2-1.5x faster than 1, 8 lanes 10-20% slower than 4 as their
-# activations fall out of cache; the compute-bound medium preset is within 5% for 1 to 8). On a GPU, lanes are what
-# fills the device (the activation buffer is L x lanes x T' x d); that default is not measured yet.
+# Sessions side by side, per device type. On a 2-core CPU (measured side by side, small preset, 8 x 4, 16 x 4 and
+# 4 x 16 segments) 4 lanes are 1.1-1.5x faster than 1, and 8 within 10% of 4 either way; the compute-bound medium
+# preset is within 10% for 1 to 8 (README "Performance"). On a GPU, lanes are what fills the device (the activation
+# buffer is L x lanes x T' x d); that default is not measured yet.
 LANES = {"cpu": 4, "cuda": 16}
 # Segments of a lane whose layer-0 inputs (embedding, sink and memory rows) are built in one call: per segment, the
 # handful of small ops cost ~0.18 ms of a ~4 ms step on the small preset (2-core CPU).
