@@ -25,7 +25,6 @@ import torch
 
 from .heap import keep_freed_heap
 from .kernels import kernels
-from .memory import project
 from .sequential import split_segments
 from .stacked import rotary
 
@@ -75,6 +74,7 @@ class DiagonalPipeline:
         self.ops = kernels(model.compiled_kernels)
         self.W_write, self.b_write = model.fused_write()  # [L, d, d_mem + d + 1], [L, d_mem + d + 1]
         self.write_split = [model.W_mk.shape[1], model.W_mv.shape[1], 1]
+        self.W_qT = model.W_mq.detach().transpose(1, 2).contiguous()  # [L, d, d_mem]: the read's query projection
         L, P, d = model.n_layers, len(self.lanes), model.base.d_model
         # results, and the memory each (layer, lane) slot is working on (loaded when a session's segment arrives)
         self.A = torch.stack([s.A for s in streams]).to(dev)  # [N, L, d_key, d]
@@ -90,6 +90,7 @@ class DiagonalPipeline:
         self.logits = [[] for _ in streams]
         self.ready: list[tuple[int, torch.Tensor] | None] = [None] * P  # per lane: (first entry, inputs [k, T', d])
         self.masks: dict[tuple[bool, ...], torch.Tensor] = {}  # blank-cell pattern -> [G*P] bool on the device
+        self.views: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # (lo, hi) -> see _views
 
     def _lanes(self, n_lanes: int) -> list[list[Entry]]:
         """Streams spread over lanes, longest first onto the least loaded lane; a lane's streams keep their order."""
@@ -154,7 +155,7 @@ class DiagonalPipeline:
 
     def _step(self, cells: list[list[Entry | None]], lo: int, hi: int) -> torch.Tensor:
         """Read, block and write for the cells at layers lo..hi-1 of every lane (one batched call each)."""
-        m, cfg = self.model, self.model.config
+        cfg = self.model.config
         G, P, T = hi - lo, len(self.lanes), self.width
         self._move_memories(cells, lo, load=True)
         flat = [e for row in cells for e in row]  # G*P cells, layer-major: cell g*P + p is (lo + g, lane p)
@@ -163,10 +164,10 @@ class DiagonalPipeline:
         blank = tuple(e is None or e.first for e in flat)
         n_blank = sum(blank)
         first = self._mask(blank) if n_blank else None  # [G*P] bool
-        A, z = self.A_slot[lo:hi].flatten(0, 1), self.z_slot[lo:hi].flatten(0, 1)  # [G*P, d_key, d], [G*P, d_key]
-        h = self.H[lo:hi].view(G, P * T, -1)  # [G, P*T', d]: a layer's lanes share its weights
+        views = self._views(lo, hi)
+        A, z, h = views["A"], views["z"], views["H"]
         if n_blank < len(flat):  # some cell reads
-            q = self.ops.feature_map(project(h, m.W_mq[lo:hi]), cfg.normalize_phi)  # [G, P*T', d_key]
+            q = self.ops.feature_map(torch.bmm(h, views["W_q"]), cfg.normalize_phi)  # [G, P*T', d_key]
             y = self.ops.lookup(q.view(G * P, T, -1), A, z).to(h.dtype)  # [G*P, T', d]
             if first is not None:
                 y = y * (~first).to(h.dtype).view(-1, 1, 1)
@@ -174,15 +175,27 @@ class DiagonalPipeline:
         h = self.blocks(h, lo, hi, T)  # [G, P*T', d]
         if self.M:
             mem = self._memory_outputs(flat, h.view(G * P, T, -1))  # [G*P, M, d]
-            kvb = torch.baddbmm(self.b_write[lo:hi].unsqueeze(1), mem.reshape(G, P * self.M, -1),
-                                self.W_write[lo:hi])  # [G, P*M, d_mem + d + 1]
+            kvb = torch.baddbmm(views["b_write"], mem.reshape(G, P * self.M, -1),
+                                views["W_write"])  # [G, P*M, d_mem + d + 1]
             k, v, beta_logit = kvb.view(G * P, self.M, -1).split(self.write_split, dim=-1)
             A, z = self.ops.delta_update(k, v, beta_logit, A, z, first, normalize=cfg.normalize_phi,
                                 correction=cfg.correction)
-            self.A_slot[lo:hi] = A.view(G, P, *A.shape[1:])
-            self.z_slot[lo:hi] = z.view(G, P, -1)
+            views["A"].copy_(A)
+            views["z"].copy_(z)
         self._move_memories(cells, lo, load=False)
         return h.view(G, P, T, -1)
+
+    def _views(self, lo: int, hi: int) -> dict[str, torch.Tensor]:
+        """The slot buffers and memory weights of layers lo..hi-1, sliced once per range (a pipeline has at most
+        2L - 1): memories A [G*P, d_key, d] and z [G*P, d_key], inputs H [G, P*T', d] (a layer's lanes share its
+        weights), W_q^T [G, d, d_mem], the fused write [G, d, d_mem + d + 1] and its bias [G, 1, d_mem + d + 1]."""
+        if (lo, hi) not in self.views:
+            G, P = hi - lo, len(self.lanes)
+            self.views[lo, hi] = {
+                "A": self.A_slot[lo:hi].flatten(0, 1), "z": self.z_slot[lo:hi].flatten(0, 1),
+                "H": self.H[lo:hi].view(G, P * self.width, -1), "W_q": self.W_qT[lo:hi],
+                "W_write": self.W_write[lo:hi], "b_write": self.b_write[lo:hi].unsqueeze(1)}
+        return self.views[lo, hi]
 
     def _mask(self, blank: tuple[bool, ...]) -> torch.Tensor:
         """The device copy of a blank-cell pattern, made once per pattern (a pipeline sees few: filling, session

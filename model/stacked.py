@@ -32,6 +32,12 @@ class StackedBlocks:
     def __post_init__(self):
         # the scales on the device too, for a step whose layers differ (a CUDA graph allows no host copy)
         self.w["scale"] = torch.tensor(self.scales, device=self.w["qkv"].device)  # [L] fp32
+        # every weight sliced to every active layer range once (L(L+1)/2 ranges): a step then slices nothing, and
+        # the per-cell norm weights [G, d] come as [G, 1, d], ready to broadcast over a cell's rows
+        L = len(self.scales)
+        self.ranges = {(lo, hi): {name: t[lo:hi].unsqueeze(1) if name.startswith("ln") else t[lo:hi]
+                                  for name, t in self.w.items()}
+                       for lo in range(L) for hi in range(lo + 1, L + 1)}
 
     def __call__(
         self, h: torch.Tensor, lo: int, hi: int, rope: tuple[torch.Tensor, torch.Tensor] | None,
@@ -56,7 +62,7 @@ class StackedBlocks:
         scales = self.scales[lo:hi]
         softmax_scale = scales[0]
         if any(s != softmax_scale for s in scales):  # fold each layer's own scale into its queries
-            q = q * self.w["scale"][lo:hi].to(q.dtype).view(G, 1, 1, 1)
+            q = q * self.ranges[lo, hi]["scale"].to(q.dtype).view(G, 1, 1, 1)
             softmax_scale = 1.0
         # [G, R, H, hd] -> [G * R/T, H, T, hd]: one attention batch row per (layer, lane) cell
         q, k, v = (x.reshape(-1, T, *x.shape[2:]).transpose(1, 2) for x in (q, k, v))
@@ -71,19 +77,18 @@ def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.T
 
 
 def _llama_blocks(sb: StackedBlocks, h: torch.Tensor, lo: int, hi: int, rope, seq_len: int | None) -> torch.Tensor:
-    w, G, T = sb.w, h.shape[0], h.shape[1]
-    opt = lambda name: w[name][lo:hi] if name in w else None  # noqa: E731  (absent biases)
-    x = _rms_norm(h, w["ln1"][lo:hi], sb.eps)
-    qkv = _linear(x, w["qkv"][lo:hi], opt("qkv_b"))  # [G, T, (Hq + 2 Hkv) hd]
+    w, G, T = sb.ranges[lo, hi], h.shape[0], h.shape[1]  # w: layers lo..hi-1 of each weight; biases may be absent
+    x = _rms_norm(h, w["ln1"], sb.eps)
+    qkv = _linear(x, w["qkv"], w.get("qkv_b"))  # [G, T, (Hq + 2 Hkv) hd]
     nq, nkv = sb.n_heads * sb.head_dim, sb.n_kv_heads * sb.head_dim
     # queries and keys rotated in one pass (same positions): [G, T, Hq + Hkv, hd]
     qk = _apply_rope(qkv[..., : nq + nkv].view(G, T, sb.n_heads + sb.n_kv_heads, sb.head_dim), rope)
     q, k = qk.split([sb.n_heads, sb.n_kv_heads], dim=2)  # [G, T, Hq, hd], [G, T, Hkv, hd]
     v = qkv[..., nq + nkv :].view(G, T, sb.n_kv_heads, sb.head_dim)  # [G, T, Hkv, hd]
-    h = h + _linear(sb.attention(q, k, v, lo, hi, seq_len), w["o"][lo:hi], opt("o_b"))
-    x = _rms_norm(h, w["ln2"][lo:hi], sb.eps)
-    gate, up = _linear(x, w["gate_up"][lo:hi], opt("gate_up_b")).chunk(2, dim=-1)  # [G, T, ff] each
-    return h + _linear(sb.act(gate) * up, w["down"][lo:hi], opt("down_b"))
+    h = h + _linear(sb.attention(q, k, v, lo, hi, seq_len), w["o"], w.get("o_b"))
+    x = _rms_norm(h, w["ln2"], sb.eps)
+    gate, up = _linear(x, w["gate_up"], w.get("gate_up_b")).chunk(2, dim=-1)  # [G, T, ff] each
+    return h + _linear(sb.act(gate) * up, w["down"], w.get("down_b"))
 
 
 def rotary(rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -126,26 +131,26 @@ def _interleave_pairs(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def _rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """LlamaRMSNorm with per-cell weights [G, d]: normalise in fp32, scale in the input dtype."""
-    x = h.float()
-    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    return weight.unsqueeze(1) * x.to(h.dtype)
+    """LlamaRMSNorm with per-cell weights [G, 1, d]: normalise in fp32 (one fused op, the same values as HF's four),
+    scale in the input dtype."""
+    return weight * F.rms_norm(h.float(), h.shape[-1:], eps=eps).to(h.dtype)
 
 
 def _layer_norm(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    return F.layer_norm(h, h.shape[-1:], eps=eps) * weight.unsqueeze(1) + bias.unsqueeze(1)
+    """F.layer_norm with per-cell weight and bias [G, 1, d]."""
+    return F.layer_norm(h, h.shape[-1:], eps=eps) * weight + bias
 
 
 def _gpt2_blocks(sb: StackedBlocks, h: torch.Tensor, lo: int, hi: int, seq_len: int | None) -> torch.Tensor:
-    w = sb.w
-    x = _layer_norm(h, w["ln1"][lo:hi], w["ln1_b"][lo:hi], sb.eps)
+    w = sb.ranges[lo, hi]  # layers lo..hi-1 of each weight
+    x = _layer_norm(h, w["ln1"], w["ln1_b"], sb.eps)
     G, T = h.shape[:2]
-    qkv = _linear(x, w["qkv"][lo:hi], w["qkv_b"][lo:hi]).view(G, T, 3, sb.n_heads, sb.head_dim)  # [G, T, 3, H, hd]
+    qkv = _linear(x, w["qkv"], w["qkv_b"]).view(G, T, 3, sb.n_heads, sb.head_dim)  # [G, T, 3, H, hd]
     q, k, v = qkv.unbind(2)  # [G, T, H, hd] each
-    h = h + _linear(sb.attention(q, k, v, lo, hi, seq_len), w["o"][lo:hi], w["o_b"][lo:hi])
-    x = _layer_norm(h, w["ln2"][lo:hi], w["ln2_b"][lo:hi], sb.eps)
-    x = sb.act(_linear(x, w["fc"][lo:hi], w["fc_b"][lo:hi]))
-    return h + _linear(x, w["proj"][lo:hi], w["proj_b"][lo:hi])
+    h = h + _linear(sb.attention(q, k, v, lo, hi, seq_len), w["o"], w["o_b"])
+    x = _layer_norm(h, w["ln2"], w["ln2_b"], sb.eps)
+    x = sb.act(_linear(x, w["fc"], w["fc_b"]))
+    return h + _linear(x, w["proj"], w["proj_b"])
 
 
 def stack_llama(blocks, config) -> StackedBlocks:
