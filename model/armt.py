@@ -116,6 +116,10 @@ class ArmtModel(ArmtEngineMixin, nn.Module):
 
         return self._derived("fused_write", [self.W_mk, self.W_mv, self.W_mb, self.b_mb], build)
 
+    def read_query(self) -> torch.Tensor:
+        """W_mq transposed for the diagonal executor's read, a plain batched matmul: [L, d, d_mem]. Cached."""
+        return self._derived("read_query", [self.W_mq], lambda: self.W_mq.detach().transpose(1, 2).contiguous())
+
     def _derived(self, name: str, params: list[torch.Tensor], build):
         """`build()` once per weight version: rebuilt when one of `params` changed in place (optimizer step, load)
         or moved, detected through the tensors' version counters and storage."""

@@ -74,7 +74,7 @@ class DiagonalPipeline:
         self.ops = kernels(model.compiled_kernels)
         self.W_write, self.b_write = model.fused_write()  # [L, d, d_mem + d + 1], [L, d_mem + d + 1]
         self.write_split = [model.W_mk.shape[1], model.W_mv.shape[1], 1]
-        self.W_qT = model.W_mq.detach().transpose(1, 2).contiguous()  # [L, d, d_mem]: the read's query projection
+        self.W_qT = model.read_query()  # [L, d, d_mem]
         L, P, d = model.n_layers, len(self.lanes), model.base.d_model
         # results, and the memory each (layer, lane) slot is working on (loaded when a session's segment arrives)
         self.A = torch.stack([s.A for s in streams]).to(dev)  # [N, L, d_key, d]

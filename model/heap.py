@@ -16,6 +16,7 @@ libraries (musl) are left alone.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import sys
 
@@ -23,17 +24,10 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (mallo
 TRIM_BYTES = 256 << 20  # free heap kept before returning any of it to the OS
 MMAP_BYTES = 32 << 20  # allocations from this size get their own mapping (glibc's adaptive ceiling)
 
-_state: dict[str, bool] = {}
 
-
+@functools.cache
 def keep_freed_heap() -> bool:
     """Apply the settings once per process; True when they are in effect."""
-    if "applied" not in _state:
-        _state["applied"] = _apply()
-    return _state["applied"]
-
-
-def _apply() -> bool:
     if not sys.platform.startswith("linux") or os.environ.get("ARMT_KEEP_HEAP", "1") == "0":
         return False
     try:
