@@ -1,6 +1,6 @@
 """Checkpoint I/O: the project's own format, the official layouts, and fresh random models.
 
-Project format (a directory):
+Project format (a directory; official layouts: model/official.py, and the HF ARMTForCausalLM's config.json):
     config.json          the base model's HF config
     armt_config.json     ArmtConfig
     model.safetensors    base weights under `base.<HF name>`, memory parameters under `assoc.<name>`
@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from .armt import ArmtModel
 from .config import ArmtConfig, fingerprint
 from .hf_base import BaseAdapter, build_base, load_base_config
-from .official import is_official, merge_lora, split_official
+from .official import is_official, layout_version, merge_lora, split_official, unwrap_peft
 
 FORMAT = "armt-serve/1"
 WEIGHTS = "model.safetensors"
@@ -103,6 +103,10 @@ def load_into(model: ArmtModel, base_sd: dict, assoc: dict) -> None:
     hf = model.base.hf
     tied = bool(getattr(hf.config, "tie_word_embeddings", False))
     optional = ("lm_head.weight",) if tied else ()
+    if tied:  # a writer that drops shared tensors may have kept the tied pair under the head's name only
+        embedding = next(n for n, p in hf.named_parameters() if p is hf.get_input_embeddings().weight)
+        if embedding not in base_sd and "lm_head.weight" in base_sd:
+            base_sd = {**base_sd, embedding: base_sd["lm_head.weight"]}
     _copy_checked(dict(hf.state_dict(keep_vars=True)), base_sd, "base weights", optional)
     if tied:
         hf.tie_weights()
@@ -128,6 +132,17 @@ def _detect_wrap_pos(armt: ArmtConfig, base_config, base_sd: dict) -> None:
             armt.wrap_pos = True  # the research code grew the position table by M rows for the memory tokens
 
 
+def _armt_config(directory: Path, tensors: dict) -> ArmtConfig:
+    """The directory's ArmtConfig; the research repo's configs carry no armt_version, so where it is absent an
+    official layout that exists only in V2 (`armt.` prefix, sink token) makes it 2 (else the default, 1)."""
+    data = ArmtConfig.read_dict(directory)
+    if "armt_version" not in data and is_official(tensors):
+        version = layout_version(tensors)
+        if version is not None:
+            data = {**data, "armt_version": version}
+    return ArmtConfig.from_dict(data)
+
+
 def from_pretrained(
     path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> ArmtModel:
@@ -135,8 +150,9 @@ def from_pretrained(
     if not directory.is_dir():
         raise FileNotFoundError(f"model directory {directory} does not exist")
     base_config = load_base_config(directory)
-    armt = ArmtConfig.load(directory)
     tensors, meta = read_weights(directory)
+    tensors = unwrap_peft(tensors)
+    armt = _armt_config(directory, tensors)
     hf = build_base(base_config, dtype)
     adapter = BaseAdapter(hf, armt.layers_attr)
     base_sd, assoc = split_weights(directory, tensors, meta, armt, adapter)

@@ -11,11 +11,16 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 ARMT_CONFIG_NAME = "armt_config.json"
+# The HF single-file ARMTForCausalLM (research repo, V2) saves no armt_config.json: its config.json is an ARMTConfig
+# (model_type "armt") with the base model's config nested under base_model_config.
+HF_ARMT_TYPE = "armt"
 DPFP_NU = 3  # the paper's DPFP order; d_key = 2 * nu * d_mem
 
 # Keys of the research repo's configs that change the model in ways this engine does not implement.
 ACT_KEYS = ("act", "max_hop", "act_threshold", "act_fixed")
 _UNSUPPORTED_TRUE = ("sliding_window", "attend_to_previous_input", "gating", "act_on")
+_RESEARCH_KEYS = (*_UNSUPPORTED_TRUE, "segment_alignment", "lora_alpha")
+_PEFT_PREFIX = "base_model.model."
 
 
 @dataclass
@@ -34,6 +39,8 @@ class ArmtConfig:
     act: adaptive computation time in every layer (model/act.py): a halting unit per layer, the layer re-applied
         up to `max_hop` times (overridable at inference); `act_threshold` = 1 - eps; `act_fixed` always runs
         `max_hop` hops. Off by default, and then absent from armt_config.json (older files load unchanged).
+    num_mem_tokens = 0 is a plain segment-recurrent transformer that writes nothing (the reasoning baselines); the
+    research code would instead write every position (its `[:, -0:]` slice), a configuration no checkpoint uses.
     """
 
     num_mem_tokens: int
@@ -72,6 +79,9 @@ class ArmtConfig:
         if not self.use_denom:
             raise ValueError("armt config: use_denom=false is not supported (the paper always normalises by z)")
         self._check_act()
+        # a PEFT-wrapped base (research configs): the importer unwraps its keys, so the path is the plain HF one
+        if self.layers_attr and self.layers_attr.startswith(_PEFT_PREFIX):
+            self.layers_attr = self.layers_attr[len(_PEFT_PREFIX):]
         for key in _UNSUPPORTED_TRUE:
             if self.extra.get(key):
                 raise ValueError(f"armt config: {key}=true is not supported by this engine")
@@ -105,16 +115,21 @@ class ArmtConfig:
 
     @classmethod
     def load(cls, directory: str | Path) -> "ArmtConfig":
-        path = Path(directory) / ARMT_CONFIG_NAME
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: an ARMT directory needs {ARMT_CONFIG_NAME}")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{path} must hold a JSON object")
-        return cls.from_dict(data)
+        return cls.from_dict(cls.read_dict(directory))
+
+    @staticmethod
+    def read_dict(directory: str | Path) -> dict:
+        """The memory settings of a model directory, unvalidated (the loader may still infer armt_version from
+        the weights): armt_config.json, or the ARMTConfig that an HF ARMTForCausalLM keeps in config.json."""
+        directory = Path(directory)
+        if (directory / ARMT_CONFIG_NAME).is_file():
+            return read_json_object(directory / ARMT_CONFIG_NAME)
+        hf = hf_armt_config(directory)
+        if hf is None:
+            raise FileNotFoundError(f"{directory / ARMT_CONFIG_NAME} not found: an ARMT directory needs "
+                                    f"{ARMT_CONFIG_NAME} (or an HF ARMTForCausalLM config.json)")
+        known = {f.name for f in fields(ArmtConfig)} - {"extra"}
+        return {"armt_version": 2, **{k: v for k, v in hf.items() if k in known or k in _RESEARCH_KEYS}}
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -126,6 +141,30 @@ class ArmtConfig:
 
     def save(self, directory: str | Path) -> None:
         (Path(directory) / ARMT_CONFIG_NAME).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+
+def read_json_object(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object")
+    return data
+
+
+def hf_armt_config(directory: str | Path) -> dict | None:
+    """The config.json of an HF ARMTForCausalLM directory (model_type "armt"), or None for any other directory."""
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        return None
+    data = read_json_object(path)
+    return data if data.get("model_type") == HF_ARMT_TYPE else None
+
+
+def is_armt_directory(directory: str | Path) -> bool:
+    """An ARMT model directory (project format or official layouts) rather than a plain HF base."""
+    return (Path(directory) / ARMT_CONFIG_NAME).is_file() or hf_armt_config(directory) is not None
 
 
 def fingerprint(base_config: dict, armt: ArmtConfig, weights_digest: str) -> str:

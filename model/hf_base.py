@@ -16,16 +16,30 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import create_causal_mask
 
+from .config import hf_armt_config
+
 # model_type -> dotted path of the decoder block list (the research repo's `layers_attr`)
 DEFAULT_LAYERS_ATTR = {"llama": "model.layers", "gpt2": "transformer.h"}
 
 
 def load_base_config(directory: str | Path) -> PretrainedConfig:
-    """The HF config.json of a local directory; never touches a model hub."""
+    """The HF config.json of a local directory, or the base config nested in an HF ARMTForCausalLM's one (model_type
+    "armt", research repo V2); never touches a model hub."""
     path = Path(directory) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: an ARMT directory needs the base model's HF config.json")
-    config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
+    armt = hf_armt_config(directory)
+    if armt is None:
+        config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
+    else:
+        base = armt.get("base_model_config")
+        if not isinstance(base, dict) or "model_type" not in base:
+            raise ValueError(
+                f"{path} is an ARMTForCausalLM config that names its base only as base_model_name="
+                f"{armt.get('base_model_name')!r}; models are never downloaded here: put the base's config (a JSON "
+                "object with its model_type) under base_model_config"
+            )
+        config = AutoConfig.for_model(**base)
     if config.model_type not in DEFAULT_LAYERS_ATTR:
         raise ValueError(
             f"base model_type {config.model_type!r} is not supported; supported: {sorted(DEFAULT_LAYERS_ATTR)}"

@@ -5,9 +5,11 @@ V1 (the paper's code): keys under `memory_cell.`:
     memory_cell.model.<base key>                         with each block wrapped: <layers>.{i}.layer.<orig>
     memory_cell.model.<layers>.{i}.W_mq.weight           [d_mem, d]   (W_mk likewise; W_mv [d, d];
                                                           W_mb.weight [1, d], W_mb.bias [1])
-    memory_cell.layers.{i}.*                             aliases of the wrapped blocks (same tensors)
+    memory_cell.layers.{i}.*                             aliases of the wrapped blocks (same tensors; read
+                                                          where a writer that drops shared tensors kept only them)
 V2 (HF single-file ARMTForCausalLM): the same under `armt.memory_cell.`, plus an optional `sink` [1, d].
-PEFT LoRA (either version): the base under `base_model.model.`, adapted modules as
+PEFT LoRA (either version): the base under `base_model.model.` (or the whole ARMT, `base_model.model.memory_cell.`),
+adapted modules as
     <module>.base_layer.weight, <module>.lora_A.<adapter>.weight [r, in], <module>.lora_B.<adapter>.weight [out, r]
 and merged here into plain base weights: W += (alpha / r) * B @ A.
 """
@@ -29,6 +31,24 @@ def is_official(state_dict: dict) -> bool:
     return any(k.startswith(PREFIXES) for k in state_dict)
 
 
+def unwrap_peft(state_dict: dict) -> dict:
+    """Keys of PEFT applied around the whole ARMT (`base_model.model.memory_cell...`) without that wrapper."""
+    wrapper = "base_model.model."
+    if state_dict and all(k.startswith(wrapper) for k in state_dict):
+        unwrapped = {k[len(wrapper):]: v for k, v in state_dict.items()}
+        if is_official(unwrapped):
+            return unwrapped
+    return state_dict
+
+
+def layout_version(state_dict: dict) -> int | None:
+    """2 when the keys exist only in V2 (the HF ARMTForCausalLM's `armt.` prefix, or a sink token), else None:
+    `memory_cell.` keys alone may be either version, so the config has to say."""
+    if any(k.startswith(PREFIXES[0]) or k.endswith("memory_cell.sink") for k in state_dict):
+        return 2
+    return None
+
+
 def split_official(
     state_dict: dict, layers_attr: str, n_layers: int, d_model: int, d_mem: int
 ) -> tuple[dict, dict, dict]:
@@ -43,8 +63,12 @@ def split_official(
         if rest in ("memory", "sink"):
             memory[rest] = tensor
             continue
-        if rest.startswith("layers.") or rest.endswith(IGNORED_SUFFIXES):
-            continue  # aliases of the wrapped blocks, or recomputed buffers
+        if rest.endswith(IGNORED_SUFFIXES):
+            continue  # recomputed buffers
+        if rest.startswith("layers."):  # an alias of a wrapped block: used only where the block's key is missing
+            rest = _alias_target(state_dict, prefix, layers_attr, rest[len("layers."):])
+            if rest is None:
+                continue
         if not rest.startswith("model."):
             raise ValueError(f"unexpected checkpoint key {key!r}")
         rest = rest[len("model."):]
@@ -70,6 +94,18 @@ def split_official(
               "W_mb": (1, d_model), "b_mb": (1,)}
     memory.update(_stack_layers(per_layer, n_layers, shapes, f"{prefix}model.{layers_attr}"))
     return base, memory, lora
+
+
+def _alias_target(state_dict: dict, prefix: str, layers_attr: str, inner: str) -> str | None:
+    """`layers.{i}.X` -> `model.<layers_attr>.{i}.X`, or None when the checkpoint holds that key itself.
+
+    The aliases are the same tensors as the wrapped blocks, and a writer that drops shared tensors (safetensors'
+    save_model keeps the first name in sorted order) may keep only them.
+    """
+    for target in (f"model.{layers_attr}.{inner}", f"model.base_model.model.{layers_attr}.{inner}"):
+        if prefix + target in state_dict:
+            return None
+    return f"model.{layers_attr}.{inner}"
 
 
 def _stack_layers(per_layer: dict, n_layers: int, shapes: dict, where: str) -> dict:

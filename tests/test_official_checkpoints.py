@@ -8,7 +8,7 @@ import torch
 from torch.testing import assert_close
 
 from model import ArmtModel
-from tests.conftest import VOCAB, build_reference, write_official
+from tests.conftest import LAYERS_ATTR, VOCAB, build_reference, write_official
 
 
 def _ids(T: int, seed: int = 1) -> torch.Tensor:
@@ -112,9 +112,12 @@ def _loraize(state: dict, prefix: str, targets: list[str], r: int, alpha: float,
 
 @pytest.mark.parametrize("kind,targets,conv1d", [("llama", ["q_proj", "v_proj", "down_proj"], False),
                                                   ("gpt2", ["c_attn", "c_fc"], True)])
-def test_lora_weights_are_merged(tmp_path, kind, targets, conv1d):
+@pytest.mark.parametrize("peft_layers_attr", [False, True])
+def test_lora_weights_are_merged(tmp_path, kind, targets, conv1d, peft_layers_attr):
+    """The research configs of a PEFT-wrapped base name its blocks `base_model.model.<layers>`."""
     ref = build_reference(kind)
-    directory = write_official(ref, tmp_path)
+    extra = {"layers_attr": f"base_model.model.{LAYERS_ATTR[kind]}"} if peft_layers_attr else {}
+    directory = write_official(ref, tmp_path, **extra)
     state = torch.load(directory / "pytorch_model.bin", weights_only=True)
     state = {k: v for k, v in state.items() if not k.startswith("memory_cell.layers.")}
     torch.save(_loraize(state, "memory_cell.", targets, r=4, alpha=16.0, conv1d=conv1d),
@@ -139,6 +142,7 @@ def test_missing_key_names_key_and_shape(tmp_path):
     directory = write_official(build_reference("llama"), tmp_path)
     state = torch.load(directory / "pytorch_model.bin", weights_only=True)
     del state["memory_cell.model.model.layers.1.layer.mlp.up_proj.weight"]
+    del state["memory_cell.layers.1.layer.mlp.up_proj.weight"]  # its alias would stand in for it
     torch.save(state, directory / "pytorch_model.bin")
     with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj\.weight.*\(64, 32\)"):
         ArmtModel.from_pretrained(directory)
@@ -157,6 +161,94 @@ def test_missing_memory_layer_is_named(tmp_path):
     directory = write_official(build_reference("llama"), tmp_path)
     state = torch.load(directory / "pytorch_model.bin", weights_only=True)
     del state["memory_cell.model.model.layers.2.W_mv.weight"]
+    del state["memory_cell.layers.2.W_mv.weight"]
     torch.save(state, directory / "pytorch_model.bin")
     with pytest.raises(ValueError, match=r"W_mv for layers \[2\]"):
         ArmtModel.from_pretrained(directory)
+
+
+@pytest.mark.parametrize("use_sink", [False, True])
+def test_v2_layout_without_armt_version_loads_as_v2(tmp_path, use_sink):
+    """The research repo's configs have no armt_version: the `armt.` prefix (and a sink) exist only in V2."""
+    ref = build_reference("llama", version=2, use_sink=use_sink)
+    directory = write_official(ref, tmp_path, version=2, fmt="safetensors")
+    config = json.loads((directory / "armt_config.json").read_text())
+    del config["armt_version"]
+    (directory / "armt_config.json").write_text(json.dumps(config))
+    model = ArmtModel.from_pretrained(directory)
+    assert model.config.armt_version == 2
+    ids = _ids(33)
+    assert_close(model.forward_long(ids, executor="diagonal")[0], ref.forward_long(ids), atol=1e-5, rtol=1e-5)
+
+
+def _hf_armt_directory(ref, directory):
+    """What the HF single-file ARMTForCausalLM saves: its ARMTConfig as config.json (model_type "armt", the base's
+    config nested), the `armt.memory_cell.` weights, no armt_config.json."""
+    write_official(ref, directory, version=2, fmt="safetensors")
+    base = json.loads((directory / "config.json").read_text())
+    armt = json.loads((directory / "armt_config.json").read_text())
+    (directory / "armt_config.json").unlink()
+    config = {"model_type": "armt", "architectures": ["ARMTForCausalLM"], "transformers_version": "4.46.0",
+              "base_model_name": None, "base_model_config": base, "layers_attr": "model.layers",
+              "segment_alignment": "left", "sliding_window": False, "attend_to_previous_input": False,
+              "wrap_pos": False, "n_heads": 1, "use_denom": True, "gating": False, "freeze_mem": False,
+              "act_on": False, "max_hop": 4, **{k: v for k, v in armt.items() if k != "armt_version"}}
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+def test_hf_armt_directory_loads(tmp_path):
+    from model.config import is_armt_directory
+
+    ref = build_reference("llama", version=2, use_sink=True)
+    directory = _hf_armt_directory(ref, tmp_path)
+    assert is_armt_directory(directory)  # the trainer's loader takes it as an ARMT, not as a plain base
+    model = ArmtModel.from_pretrained(directory)
+    assert (model.config.armt_version, model.config.use_sink, model.base.kind) == (2, True, "llama")
+    ids = _ids(47)
+    for executor in ("sequential", "diagonal"):
+        assert_close(model.forward_long(ids, executor=executor)[0], ref.forward_long(ids), atol=1e-5, rtol=1e-5)
+    context, question = _ids(33, 7), _ids(5, 8)
+    expected = ref.generate(torch.cat([context, question], 1), max_new_tokens=8)
+    assert list(model.generate(model.ingest(model.new_state(), context), question, max_new_tokens=8)) == expected
+
+
+def test_hf_armt_directory_without_base_config_is_a_clear_error(tmp_path):
+    directory = _hf_armt_directory(build_reference("llama", version=2), tmp_path)
+    config = json.loads((directory / "config.json").read_text())
+    config.update(base_model_config=None, base_model_name="meta-llama/Llama-3.2-1B")
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"base_model_name='meta-llama/Llama-3.2-1B'.*never downloaded"):
+        ArmtModel.from_pretrained(directory)
+
+
+def test_peft_around_the_whole_armt(tmp_path):
+    ref = build_reference("gpt2")
+    directory = write_official(ref, tmp_path)
+    state = torch.load(directory / "pytorch_model.bin", weights_only=True)
+    torch.save({f"base_model.model.{k}": v for k, v in state.items()}, directory / "pytorch_model.bin")
+    ids = _ids(35)
+    assert_close(ArmtModel.from_pretrained(directory).forward_long(ids)[0], ref.forward_long(ids),
+                 atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_checkpoint_saved_without_shared_tensors(kind, tmp_path, version):
+    """safetensors' save_model keeps one name per shared tensor, the first in sorted order: the blocks survive only
+    as their `memory_cell.layers.{i}` aliases, and a tied GPT-2 keeps lm_head instead of its token embedding."""
+    from safetensors import safe_open
+    from safetensors.torch import save_model
+
+    from tests.reference_armt import RefArmtV2
+
+    ref = build_reference(kind, version=version)
+    directory = write_official(ref, tmp_path, version=version, fmt="safetensors")
+    save_model(RefArmtV2(ref) if version == 2 else ref, str(directory / "model.safetensors"))
+    with safe_open(str(directory / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert not any(".W_mq." in k and ".model." in k for k in keys)  # the memory weights only under their aliases
+    if kind == "gpt2":  # tied: the token embedding only as lm_head
+        assert not any(k.endswith("wte.weight") for k in keys) and any(k.endswith("lm_head.weight") for k in keys)
+    ids = _ids(35)
+    assert_close(ArmtModel.from_pretrained(directory).forward_long(ids)[0], ref.forward_long(ids),
+                 atol=1e-5, rtol=1e-5)

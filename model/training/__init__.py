@@ -44,10 +44,10 @@ def load_for_training(directory: Path, armt=None, needs_tokenizer: bool = True):
     Text tasks need its tokenizer.json; the CA task (token ids are cell values) does not."""
     from ..armt import ArmtModel
     from ..checkpoint import from_base
-    from ..config import ArmtConfig
+    from ..config import ArmtConfig, is_armt_directory
 
     directory = Path(directory)
-    if (directory / "armt_config.json").is_file():
+    if is_armt_directory(directory):
         model = ArmtModel.from_pretrained(directory)
     elif (directory / "config.json").is_file():
         model = from_base(directory, armt or ArmtConfig(num_mem_tokens=16, d_mem=32, segment_size=64, armt_version=2))
