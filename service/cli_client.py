@@ -65,7 +65,7 @@ def _fail(error: Exception) -> None:
 def ingest(file: Path = typer.Argument(..., exists=True, dir_okay=False, readable=True),
            session: str = typer.Option(None, help="append to this session (default: a new one)"),
            url: str = URL, api_key: str = API_KEY,
-           chunk_bytes: int = typer.Option(1 << 20, help="bytes per append request")) -> None:
+           chunk_bytes: int = typer.Option(1 << 20, min=1, help="bytes per append request")) -> None:
     """Upload a UTF-8 text file of any size into a session; run again to resume after an interruption."""
     import httpx
     from tqdm import tqdm

@@ -131,6 +131,8 @@ def ingest_file(client: ArmtClient, path: str | Path, session_id: str, chunk_byt
     the offset the server acknowledged (the file is seeked there). Connection errors, 429 and 503 are retried
     with exponential backoff (honouring Retry-After); `progress(done_bytes, total_bytes)` after every chunk.
     """
+    if chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
     path = Path(path)
     total = path.stat().st_size
     offset, failures, result = _offset(client, session_id, total), 0, None

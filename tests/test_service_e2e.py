@@ -58,6 +58,13 @@ def append_in_pieces(client: ArmtClient, sid: str, data: bytes, cuts: list[int])
     return result
 
 
+def test_ingest_file_refuses_an_empty_chunk_size(tmp_path):
+    """read(0) is b"": the upload would append nothing at the same offset forever."""
+    (tmp_path / "doc.txt").write_text("text")
+    with pytest.raises(ValueError, match="chunk_bytes"):
+        ingest_file(None, tmp_path / "doc.txt", "0" * 32, chunk_bytes=0)
+
+
 def test_chunked_appends_equal_whole_append(client):
     whole, pieces = client.create_session()["id"], client.create_session()["id"]
     client.append(whole, 0, DOC)

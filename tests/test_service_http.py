@@ -3,6 +3,10 @@ SSE), the OpenAI endpoint, error bodies, 429, 503, 409 for another model's state
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 import threading
 import time
 
@@ -76,6 +80,8 @@ def test_session_lifecycle_and_pagination(c):
     assert_error(c.get(f"/v1/sessions/{ids[0]}"), 404, "not_found")
     assert_error(c.delete(f"/v1/sessions/{ids[0]}"), 404, "not_found")
     assert_error(c.get("/v1/sessions", params={"cursor": "nope"}), 422, "invalid_request")
+    first = c.get("/v1/sessions?limit=2&cursor=")  # the README's form: an empty cursor is the first page
+    assert first.status_code == 200 and first.json() == c.get("/v1/sessions", params={"limit": 2}).json()
 
 
 def test_append_protocol_offsets_and_idempotent_retry(c):
@@ -145,9 +151,17 @@ def test_client_mistakes_are_clear_4xx(c):
     assert_error(c.post(f"/v1/sessions/{sid}/ask", json={"question": "q", "bogus": 1}), 422, "invalid_request")
     assert_error(c.get("/v1/nothing-here"), 404, "not_found")
     assert_error(c.put("/v1/sessions"), 405, "method_not_allowed")
+    # curl -d sends a form content type; JSON that is not UTF-8
+    for url in (f"/v1/sessions/{sid}/ask", "/v1/chat/completions"):
+        for headers in ({"Content-Type": "application/x-www-form-urlencoded"}, TEXT):
+            r = c.post(url, content=json.dumps({"question": "q"}).encode(), headers=headers)
+            assert "Content-Type: application/json" in assert_error(r, 415, "unsupported_media_type")["message"]
+    r = c.post(f"/v1/sessions/{sid}/ask", content=b'{"question": "\xff"}', headers={"Content-Type": "application/json"})
+    assert_error(r, 400, "malformed_json")
 
 
-@pytest.mark.parametrize("body", [{"question": ""}, {"question": "   "}, {"question": "q", "max_new_tokens": 0},
+@pytest.mark.parametrize("body", [{"question": ""}, {"question": "   "}, {"question": "\u00a0\u2028"},
+                                  {"question": "q", "max_new_tokens": 0},
                                   {"question": "q", "max_new_tokens": 65}, {"question": "q", "temperature": -0.1},
                                   {"question": "q", "top_p": 0}, {"question": "q", "top_p": 1.5}])
 def test_ask_validation(c, body):
@@ -203,6 +217,23 @@ def test_openai_chat_completions(c):
     assert_error(c.post("/v1/chat/completions", json={**body, "messages": [{"role": "system", "content": "x"}]}),
                  422, "invalid_request")
     assert c.get("/v1/models").json()["data"][0]["id"].startswith("armt-")
+    # OpenAI takes null for its optional fields; a limit names the field the client sent
+    nulls = {**body, "temperature": None, "top_p": None, "stream": None, "n": None}
+    assert c.post("/v1/chat/completions", json=nulls).json()["choices"] == r["choices"]
+    error = assert_error(c.post("/v1/chat/completions", json={**body, "max_tokens": 65}), 422, "invalid_request")
+    assert error["message"].startswith("max_tokens must be at most 64")
+
+
+def test_special_token_text_in_documents_and_questions_stays_text(c):
+    """"<|endoftext|>" typed by a user is characters, not the EOS token the model stops at."""
+    tokenizer = c.app.state.runtime.model.tokenizer
+    eos = tokenizer.token_to_id("<|endoftext|>")
+    assert eos is not None and eos not in tokenizer.encode("a <|endoftext|> b", add_special_tokens=False).ids
+    sid = new(c)
+    append(c, sid, 0, document(300).encode())
+    usage = [c.post(f"/v1/sessions/{sid}/ask", json={"question": q}).json()["usage"]["prompt_tokens"]
+             for q in ("Where?", "Where? <|endoftext|>")]
+    assert usage[1] - usage[0] > 1  # the special token would be one
 
 
 def test_full_queue_is_429_with_retry_after_at_once(tiny_model_dir, tmp_path):
@@ -295,3 +326,24 @@ def test_ready_and_metrics(c):
         assert name in text, name
     assert sid not in text  # never a session id in a label
     assert 'armt_failures_total{reason="not_found"}' in text
+
+
+STARTUP = """
+import sys, time
+from fastapi.testclient import TestClient
+from service.http.app import create_app
+from service.settings import Settings
+with TestClient(create_app(Settings(model=sys.argv[1], data_dir=sys.argv[2]))) as c:
+    while c.get("/health").status_code != 200:
+        time.sleep(0.05)
+"""
+
+
+def test_info_logs_of_the_service_are_printed_by_default(tiny_model_dir, tmp_path):
+    """ARMT_LOG_LEVEL (info by default) reaches the armt.* loggers: uvicorn configures only its own, and Python's
+    last-resort handler prints warnings only (a fresh process: pytest's own handlers would hide the bug)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ARMT_")}
+    out = subprocess.run([sys.executable, "-c", STARTUP, str(tiny_model_dir), str(tmp_path)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert re.search(r"INFO +armt\.runtime: model [0-9a-f]+ loaded from ", out.stderr), out.stderr

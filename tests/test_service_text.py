@@ -110,3 +110,15 @@ def test_answer_text_trims_at_a_stop_string_across_tokens():
             break
     assert answer.stopped and sent + answer.flush() == "hello " and answer.text == "hello "
     assert "E" not in sent  # a stop string's start is held back until it is known not to be one
+
+
+@pytest.mark.parametrize("stop", [("bc", "abc"), ("abc", "bc")])
+def test_answer_ends_at_the_stop_string_that_appears_first_whatever_its_place_in_the_list(stop):
+    """Both complete with the same token (here its last byte; a real token can hold two stop strings)."""
+    answer = ts.AnswerText(FakeTokenizer(), stop)
+    sent = ""
+    for b in "xx abc yy".encode():
+        sent += answer.add(b)
+        if answer.stopped:
+            break
+    assert answer.stopped and sent + answer.flush() == "xx " == answer.text

@@ -101,6 +101,8 @@ def load_model(cfg: CoreConfig):
     model = ArmtModel.from_pretrained(cfg.model_dir, device=cfg.device, dtype=dtype)
     if model.tokenizer is None:
         raise ValueError(f"{cfg.model_dir} has no tokenizer.json: the HTTP service takes text and needs one")
+    # users' text is text: "<|endoftext|>" in a document or question stays those characters, never the EOS token
+    model.tokenizer.encode_special_tokens = True
     vocab = model.tokenizer.get_vocab_size()
     if vocab > model.base.vocab_size:
         raise ValueError(f"tokenizer has {vocab} tokens but the model's vocabulary is {model.base.vocab_size}")

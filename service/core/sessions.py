@@ -25,7 +25,7 @@ from .scheduler import IngestJob, Scheduler
 from .stats import ServiceStats
 from .store import SessionStore
 from .textstream import ReadyText, Utf8Stream
-from .types import (NON_BLANK, SESSION_ID, AnswerDone, AppendResult, AskParams, LastAppend, SessionMeta, SessionPage,
+from .types import (SESSION_ID, AnswerDone, AppendResult, AskParams, LastAppend, SessionMeta, SessionPage,
                     TextDelta)
 
 CURSOR_PATTERN = r"^([0-9]{1,20})-([0-9a-f]{32})$"  # a next_cursor: created_at in microseconds, id
@@ -177,7 +177,7 @@ class SessionService:
         return run.events()
 
     def _check_params(self, p: AskParams) -> None:
-        if not re.search(NON_BLANK, p.question):
+        if not p.question.strip():  # what question_text() strips: every Unicode space, not only NON_BLANK's
             raise InvalidRequest("question is empty")
         if len(p.question) > self.cfg.max_question_chars:
             raise InvalidRequest(f"question is {len(p.question)} characters; the limit is "

@@ -107,11 +107,11 @@ class AnswerText:
         if text.endswith("\ufffd"):  # the last character's bytes are not all there yet
             return ""
         self.text = text
-        for s in self.stop:
-            i = text.find(s, max(0, len(self.emitted) - len(s)))
-            if i >= 0:
-                self.text, self.stopped = text[:i], True
-                return self.flush()
+        # the answer ends where a stop string first appears in it, whichever string that is
+        hits = [i for s in self.stop if (i := text.find(s, max(0, len(self.emitted) - len(s)))) >= 0]
+        if hits:
+            self.text, self.stopped = text[: min(hits)], True
+            return self.flush()
         safe = len(text) - self._hold
         if safe <= len(self.emitted):
             return ""

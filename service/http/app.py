@@ -45,8 +45,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(AdmissionGate)
     app.add_middleware(HttpMetrics, registry=app.state.registry)
     openapi.install(app, settings)
-    logging.getLogger("armt").setLevel(settings.log_level.upper())
+    _configure_logging(settings.log_level)
     return app
+
+
+def _configure_logging(level: str) -> None:
+    """ARMT_LOG_LEVEL for the `armt.*` loggers. uvicorn configures only its own loggers, and Python's last-resort
+    handler prints warnings and above: without a handler of its own (unless the embedding application set up
+    logging) the service's info lines would never show."""
+    logger = logging.getLogger("armt")
+    logger.setLevel(level.upper())
+    if not logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)-9s %(name)s: %(message)s"))
+        logger.addHandler(handler)
 
 
 def app_from_env() -> FastAPI:

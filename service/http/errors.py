@@ -29,7 +29,7 @@ STATUS: dict[type[e.ArmtServiceError], int] = {
     e.StateConflict: 409,
     e.Overloaded: 429,
     e.NotReady: 503,
-    e.Cancelled: 503,
+    e.Cancelled: 499,  # the client went away (nginx's "client closed request"): not a server error in metrics
     e.StoreError: 503,
 }
 _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
@@ -74,13 +74,25 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     errors = exc.errors()
     if any(err.get("type") == "json_invalid" for err in errors):
         return error_response(request, 400, "malformed_json", "the request body is not valid JSON")
+    if _not_json(request) and any(tuple(err.get("loc", ())) == ("body",) for err in errors):
+        # FastAPI reads a body of another type as bytes, which then "is not an object": say what is wrong
+        return error_response(request, 415, "unsupported_media_type",
+                              "this route takes a JSON body: send it with Content-Type: application/json")
     details = [{"location": ".".join(str(p) for p in err.get("loc", ())), "message": err.get("msg", "")}
                for err in errors]
     summary = "; ".join(f"{d['location']}: {d['message']}" for d in details[:3])
     return error_response(request, 422, "invalid_request", summary or "invalid request", details=details)
 
 
+def _not_json(request: Request) -> bool:
+    """A Content-Type that FastAPI does not parse as JSON (a missing one it does parse)."""
+    kind = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    return not (kind == "application/json" or kind.startswith("application/") and kind.endswith("+json"))
+
+
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    if exc.status_code == 400 and exc.detail == "There was an error parsing the body":  # FastAPI: not UTF-8 JSON
+        return error_response(request, 400, "malformed_json", "the request body is not valid JSON in UTF-8")
     code = _HTTP_CODES.get(exc.status_code, "http_error")
     return error_response(request, exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
 

@@ -18,7 +18,7 @@ DESCRIPTIONS = {
     408: "The request body stalled (ARMT_BODY_TIMEOUT_SECONDS without data)",
     409: "Wrong append offset (the body holds the current `offset`), or a state written by another model",
     413: "Body over ARMT_MAX_APPEND_BYTES (append) or ARMT_MAX_JSON_BYTES (JSON)",
-    415: "Append body not `text/plain; charset=utf-8`",
+    415: "Append body not `text/plain; charset=utf-8`; a JSON body sent without Content-Type: application/json",
     422: "Invalid parameter or field values",
     429: "Engine queue full (ARMT_MAX_QUEUE); retry after `Retry-After` seconds",
     503: "Model not loaded yet, or the session store failed",
@@ -28,7 +28,7 @@ HEADERS = {
     429: {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}},
 }
 V1 = (401, 422, 503)  # every /v1 route: auth, parameter validation, model loading / store errors
-JSON_BODY = (400, 408, 413)  # routes that read a JSON body
+JSON_BODY = (400, 408, 413, 415)  # routes that read a JSON body
 
 
 def error_responses(*codes: int) -> dict:

@@ -150,13 +150,14 @@ class ChatIn(BaseModel):
     model: str | None = None
     max_tokens: TokenLimit | None = None
     max_completion_tokens: TokenLimit | None = None
-    temperature: float = Field(0.0, ge=0, allow_inf_nan=False)
-    top_p: float = Field(1.0, gt=0, le=1)
+    # OpenAI takes null for every optional field (some clients send it): null means the default
+    temperature: float | None = Field(0.0, ge=0, allow_inf_nan=False)
+    top_p: float | None = Field(1.0, gt=0, le=1)
     stop: Stop = STOP
-    stream: bool = False
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
     seed: Seed | None = None
-    n: json_int(ge=1, le=1) = 1
+    n: json_int(ge=1, le=1) | None = 1
 
 
 def stop_tuple(stop: Stop) -> tuple[str, ...]:

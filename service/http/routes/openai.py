@@ -42,9 +42,13 @@ def _params(body: ChatIn, settings: Settings) -> AskParams:
     questions = [m.text() for m in body.messages if m.role == "user"]
     if not questions or not questions[-1].strip():
         raise InvalidRequest("messages must end with a non-empty user message (the question)")
-    return AskParams(question=questions[-1],
-                     max_new_tokens=body.max_completion_tokens or body.max_tokens or settings.default_max_new_tokens,
-                     temperature=body.temperature, top_p=body.top_p, stop=stop_tuple(body.stop), seed=body.seed)
+    field, limit = next(((name, value) for name in ("max_completion_tokens", "max_tokens")
+                         if (value := getattr(body, name)) is not None), (None, settings.default_max_new_tokens))
+    if field is not None and limit > settings.max_new_tokens_limit:
+        raise InvalidRequest(f"{field} must be at most {settings.max_new_tokens_limit}, got {limit}")
+    return AskParams(question=questions[-1], max_new_tokens=limit,
+                     temperature=0.0 if body.temperature is None else body.temperature,
+                     top_p=1.0 if body.top_p is None else body.top_p, stop=stop_tuple(body.stop), seed=body.seed)
 
 
 @router.post("/chat/completions", responses={

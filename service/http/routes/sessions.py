@@ -26,8 +26,9 @@ async def create_session(tenant: Tenant, svc: Sessions) -> SessionOut:
 
 @router.get("", response_model=SessionList, responses=error_responses(*V1))
 async def list_sessions(tenant: Tenant, svc: Sessions, limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-                        cursor: Annotated[str | None, Query(pattern=CURSOR_PATTERN,
-                                                            description="a next_cursor of this server")] = None
+                        cursor: Annotated[str | None, Query(pattern=f"^$|{CURSOR_PATTERN}",
+                                                            description="a next_cursor of this server; empty or "
+                                                                        "absent for the first page")] = None
                         ) -> SessionList:
     """The caller's sessions, oldest first, `limit` per page; follow `next_cursor`."""
     page = await svc.list(tenant, limit, cursor)
