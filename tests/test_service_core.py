@@ -54,6 +54,26 @@ def test_scheduler_check_room_refuses_without_submitting_and_new_questions_go_fi
     assert s.next_work(timeout=0).decodes == [new, old]  # the first token of a question before others' next
 
 
+def test_a_reservation_holds_one_place_for_all_of_its_jobs():
+    s = Scheduler(max_queue=2)
+    with s.reservation():
+        s.submit(gen_job())  # the second place
+        with pytest.raises(Overloaded):
+            s.submit(IngestJob(None, [1]))
+        for i in range(3):  # the reservation's jobs, one after another, each in the reserved place
+            job = IngestJob(None, [i], reserved=True)
+            s.submit(job)
+            with pytest.raises(Overloaded):
+                s.check_room()
+            s.finish(job)
+        with pytest.raises(Overloaded):
+            s.reservation().__enter__()  # refused at once when full, like a job
+    s.check_room()  # its place is free again
+    s.close()
+    with pytest.raises(Overloaded):  # shutting down refuses even reserved jobs
+        s.submit(IngestJob(None, [9], reserved=True))
+
+
 def meta(session_id: str = "a" * 32, **kw) -> SessionMeta:
     return SessionMeta(id=session_id, tenant="t", model="fp", created_at=1.0, updated_at=2.0, **{"version": 1, **kw})
 

@@ -89,3 +89,39 @@ def headers_only_append(port: int, sid: str) -> tuple[int, bytes]:
         while chunk := s.recv(65536):  # the server closes after its answer
             data += chunk
     return int(data.split(b" ", 2)[1]), data.split(b"\r\n\r\n", 1)[1]
+
+
+def test_an_admitted_append_keeps_its_place_until_its_body_ends(server):
+    """An append holds one queue place from its headers to its answer: while its body is still arriving a full
+    queue refuses others, never the append's next chunk (which would throw away what it already wrote)."""
+    sid, asker = (httpx.post(f"{server.url}/v1/sessions").json()["id"] for _ in range(2))
+    body = b"Mary went to the garden. " * 40
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
+        s.sendall(f"POST /v1/sessions/{sid}/append?offset=0 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                  f"Content-Type: text/plain; charset=utf-8\r\nContent-Length: {len(body)}\r\n\r\n".encode())
+        s.sendall(body[:100])
+        statuses = asyncio.run(asks_beside_one_long_question(server.url, asker))
+        s.sendall(body[100:])
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    assert statuses[-1] == 429 and 200 not in statuses[1:]  # the append's place + the question fill the queue
+    assert data.split(b" ", 2)[1] == b"200" and json.loads(data.split(b"\r\n\r\n", 1)[1])["offset"] == len(body)
+
+
+async def asks_beside_one_long_question(url: str, sid: str) -> list[int]:
+    """Statuses of short questions asked while one long question holds a place, until one is refused (<= 5 s)."""
+    async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+        release, started = asyncio.Event(), asyncio.Event()
+        holder = asyncio.create_task(hold(http, sid, started, release))
+        await started.wait()
+        statuses = []
+        for _ in range(50):
+            r = await http.post(f"/v1/sessions/{sid}/ask", json={"question": "q", "max_new_tokens": 1})
+            statuses.append(r.status_code)
+            if r.status_code == 429:
+                break
+            await asyncio.sleep(0.1)
+        release.set()
+        await holder
+        return statuses

@@ -14,7 +14,8 @@ from __future__ import annotations
 import concurrent.futures
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from .errors import Overloaded
@@ -29,6 +30,7 @@ class IngestJob:
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     cursor: int = 0  # ids already written
     started: bool = False
+    reserved: bool = False  # submitted under a Reservation, whose place in the queue it uses
 
     @property
     def cancelled(self) -> bool:
@@ -76,13 +78,31 @@ class Scheduler:
         self._cv = threading.Condition()
         self._ingests: list[IngestJob] = []
         self._decodes: list[GenerateJob] = []
+        self._reserved = 0  # places held by Reservations
         self._closed = False
 
     def submit(self, job: IngestJob | GenerateJob) -> None:
+        """Admit a job, or raise Overloaded; an IngestJob marked `reserved` takes its Reservation's place."""
         with self._cv:
-            self._check_room()
+            if self._closed or not getattr(job, "reserved", False):
+                self._check_room()
             (self._ingests if isinstance(job, IngestJob) else self._decodes).append(job)
             self._cv.notify_all()
+
+    @contextmanager
+    def reservation(self) -> Iterator[None]:
+        """One place in the queue for the whole of a request that submits several jobs in turn (an append: one
+        ingest job per chunk of its body, read as it arrives). Refused at once like a job; once admitted, its
+        reserved jobs are never refused for room, so an append is not cut off with a 429 halfway through its
+        body, after part of it was written into the memory."""
+        with self._cv:
+            self._check_room()
+            self._reserved += 1
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._reserved -= 1
 
     def check_room(self) -> None:
         """Overloaded now if a job would be refused, so that a request fails fast, before it reads its body,
@@ -94,7 +114,8 @@ class Scheduler:
     def _check_room(self) -> None:
         if self._closed:
             raise Overloaded("the engine is shutting down", self.retry_after)
-        if len(self._ingests) + len(self._decodes) >= self.max_queue:
+        held = self._reserved + sum(not job.reserved for job in self._ingests) + len(self._decodes)
+        if held >= self.max_queue:
             raise Overloaded(f"the engine queue is full ({self.max_queue} requests); retry later", self.retry_after)
 
     def next_work(self, timeout: float) -> Work | None:

@@ -120,21 +120,23 @@ class SessionService:
         return AppendResult(meta.offset, last.tokens, last.segments)
 
     async def _ingest_body(self, meta: SessionMeta, state, body: AsyncIterable[bytes]) -> AppendResult:
-        self.scheduler.check_room()  # before reading the body (a retry, answered from the metadata, needs none)
-        decoder, text = Utf8Stream(meta.partial, meta.offset), ReadyText(meta.held)
-        sha, n, buf = hashlib.sha256(), 0, bytearray()
-        async for chunk in body:
-            n += len(chunk)
-            if n > self.cfg.max_append_bytes:
-                raise PayloadTooLarge(f"append body is over the limit of {self.cfg.max_append_bytes} bytes")
-            sha.update(chunk)
-            buf += chunk
-            if len(buf) >= self.cfg.append_chunk_bytes:  # never more than one chunk of the body in memory
-                state = await self._ingest_bytes(state, decoder, text, bytes(buf))
-                buf.clear()
-        if not n:
-            return AppendResult(meta.offset, meta.tokens, meta.segments)
-        state = await self._ingest_bytes(state, decoder, text, bytes(buf))
+        # one queue place for the whole body, taken before reading it (a retry, answered from the metadata, needs
+        # none): refused at once, or never halfway
+        with self.scheduler.reservation():
+            decoder, text = Utf8Stream(meta.partial, meta.offset), ReadyText(meta.held)
+            sha, n, buf = hashlib.sha256(), 0, bytearray()
+            async for chunk in body:
+                n += len(chunk)
+                if n > self.cfg.max_append_bytes:
+                    raise PayloadTooLarge(f"append body is over the limit of {self.cfg.max_append_bytes} bytes")
+                sha.update(chunk)
+                buf += chunk
+                if len(buf) >= self.cfg.append_chunk_bytes:  # never more than one chunk of the body in memory
+                    state = await self._ingest_bytes(state, decoder, text, bytes(buf))
+                    buf.clear()
+            if not n:
+                return AppendResult(meta.offset, meta.tokens, meta.segments)
+            state = await self._ingest_bytes(state, decoder, text, bytes(buf))
         last = LastAppend(meta.offset, n, sha.hexdigest(), state.tokens, state.segments)
         meta = meta.evolve(offset=meta.offset + n, held=text.held, partial=decoder.partial, last_append=last,
                            updated_at=time.time())
@@ -151,7 +153,7 @@ class SessionService:
         ids = await asyncio.to_thread(self._tokenize, decoder, text, data)
         if not ids:
             return state
-        job = IngestJob(state, ids)
+        job = IngestJob(state, ids, reserved=True)  # inside _ingest_body's reservation
         self.scheduler.submit(job)
         return await asyncio.wrap_future(job.future)  # cancelling the request cancels the job
 
