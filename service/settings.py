@@ -67,6 +67,8 @@ class Settings(BaseSettings):
     retry_after_seconds: int = Field(1, ge=0)
     state_cache_size: int = Field(64, ge=0)
     sse_ping_seconds: float = Field(15.0, gt=0)
+    # After SIGTERM, how long a streamed answer may go on before it ends with an `error` event (shutting_down).
+    shutdown_grace_seconds: float = Field(5.0, ge=0)
     # Threads of torch's CPU kernels (torch.set_num_threads) in the engine; 0: all cores but one, so that the
     # HTTP event loop always has a core to answer on (and to refuse with a fast 429 under overload).
     torch_threads: int = Field(0, ge=0)

@@ -3,8 +3,10 @@ chunked == whole, SSE as a client reads it, error paths, idempotent retry, disco
 upload through the client and the CLI, and a SIGKILLed server that restarts with every acknowledged session."""
 from __future__ import annotations
 
+import json
 import random
 import re
+import signal
 import socket
 import time
 
@@ -196,3 +198,30 @@ def test_sigkill_and_restart_keeps_every_acknowledged_session(client, server):
     assert client.ask(sid, "And then?", **QUESTION) == answer
     offset = after[sid]["offset"]
     assert client.append(sid, offset, b" more text")["offset"] == offset + 10
+
+
+@pytest.mark.parametrize("route", ["ask", "openai"])
+def test_sigterm_ends_open_streams_with_a_final_event(tiny_model_dir, tmp_path, route):
+    """A graceful stop (rolling deploy, docker stop) gives an answer still streaming after ARMT_SHUTDOWN_GRACE_SECONDS
+    a last `error` event (shutting_down) and a complete HTTP response, then the server exits cleanly."""
+    srv = Server(tiny_model_dir, tmp_path / "data", ARMT_MAX_NEW_TOKENS_LIMIT=str(LIMIT),
+                 ARMT_SHUTDOWN_GRACE_SECONDS="0.3").start()
+    try:
+        sid = httpx.post(f"{srv.url}/v1/sessions").json()["id"]
+        assert httpx.post(f"{srv.url}/v1/sessions/{sid}/append?offset=0", content=DOC[:500]).is_success
+        url, body = f"{srv.url}/v1/sessions/{sid}/ask", {"question": "Go on.", "stream": True,
+                                                         "max_new_tokens": LIMIT}
+        if route == "openai":
+            url, body = f"{srv.url}/v1/chat/completions", {"session_id": sid, "stream": True, "max_tokens": LIMIT,
+                                                           "messages": [{"role": "user", "content": "Go on."}]}
+        with httpx.stream("POST", url, json=body, timeout=60) as r:
+            events = parse_sse(r.iter_lines())
+            next(events)  # decoding runs
+            srv.proc.send_signal(signal.SIGTERM)
+            rest = list(events)  # a response cut short would raise here (incomplete chunked read)
+        last = json.loads(rest[-1][1])
+        assert last["error"]["code"] == "shutting_down" and (route == "openai" or rest[-1][0] == "error"), rest[-3:]
+        assert srv.proc.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after its graceful stop
+        assert "without completing response" not in srv.log.read_text(errors="replace"), srv.log_tail()
+    finally:
+        srv.stop()

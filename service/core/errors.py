@@ -78,6 +78,12 @@ class NotReady(ArmtServiceError):
     code = "not_ready"
 
 
+class ShuttingDown(ArmtServiceError):
+    """The server is stopping and a streamed answer did not end within its grace period (ask again elsewhere)."""
+
+    code = "shutting_down"
+
+
 class Cancelled(ArmtServiceError):
     """The client went away; the work was dropped. Never reaches a client, counted as a failure reason."""
 

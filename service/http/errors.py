@@ -29,6 +29,7 @@ STATUS: dict[type[e.ArmtServiceError], int] = {
     e.StateConflict: 409,
     e.Overloaded: 429,
     e.NotReady: 503,
+    e.ShuttingDown: 503,
     e.Cancelled: 499,  # the client went away (nginx's "client closed request"): not a server error in metrics
     e.StoreError: 503,
 }

@@ -3,7 +3,8 @@
 SSE events (one `data:` line of JSON each):
     event: token   data: {"text": "..."}                 one per decoded piece (whole characters only)
     event: done    data: {"answer", "finish_reason", "usage": {"prompt_tokens", "completion_tokens"}}
-    event: error   data: {"error": {"code", "message"}}  if decoding fails after the stream started
+    event: error   data: {"error": {"code", "message"}}  if decoding fails after the stream started, or the
+                                                         server shuts down before the answer ends (shutting_down)
 and `: ping` comments while waiting. Closing the connection stops decoding.
 """
 from __future__ import annotations
@@ -12,7 +13,6 @@ import json
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Depends
-from sse_starlette import EventSourceResponse
 
 from service.core.answers import collect
 from service.core.types import AnswerDone, AskParams, TextDelta
@@ -20,6 +20,7 @@ from service.http.deps import V1_CHECKS, SessionId, Sessions, Tenant, get_settin
 from service.http.errors import error_event
 from service.http.openapi import JSON_BODY, V1, error_responses
 from service.http.schemas import AskIn, AskOut, stop_tuple
+from service.http.streams import event_stream
 from service.settings import Settings
 
 router = APIRouter(prefix="/v1/sessions", tags=["ask"], dependencies=V1_CHECKS)
@@ -42,7 +43,7 @@ async def ask(body: AskIn, tenant: Tenant, svc: Sessions, session_id: SessionId,
     events = await svc.ask(tenant, session_id, ask_params(body, settings))
     if not body.stream:
         return AskOut.of(await collect(events))
-    return EventSourceResponse(sse_events(events), ping=settings.sse_ping_seconds)
+    return event_stream(sse_events, events, settings)
 
 
 async def sse_events(events: AsyncIterator) -> AsyncIterator[dict]:

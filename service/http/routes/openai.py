@@ -12,7 +12,6 @@ import uuid
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Depends, Request
-from sse_starlette import EventSourceResponse
 
 from service.core.answers import collect
 from service.core.errors import InvalidRequest
@@ -21,6 +20,7 @@ from service.http.deps import V1_CHECKS, Sessions, Tenant, get_settings
 from service.http.errors import error_event
 from service.http.openapi import JSON_BODY, V1, error_responses
 from service.http.schemas import ChatIn, stop_tuple
+from service.http.streams import event_stream
 from service.settings import Settings
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=V1_CHECKS)
@@ -60,7 +60,7 @@ async def chat_completions(request: Request, body: ChatIn, tenant: Tenant, svc: 
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": _model_id(request)}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return EventSourceResponse(_chunks(events, meta, include_usage), ping=settings.sse_ping_seconds)
+        return event_stream(lambda events: _chunks(events, meta, include_usage), events, settings)
     done = await collect(events)
     return {**meta, "object": "chat.completion",
             "choices": [{"index": 0, "message": {"role": "assistant", "content": done.answer},
