@@ -38,8 +38,9 @@ def info(model_dir: Path) -> None:
 
 
 def _encode(m, text: str) -> list[int]:
-    if m.tokenizer is not None:
-        return m.tokenizer.encode(text).ids
+    if m.tokenizer is not None:  # as the service: text is text, special-token spellings included
+        m.tokenizer.encode_special_tokens = True
+        return m.tokenizer.encode(text, add_special_tokens=False).ids
     try:
         return [int(t) for t in text.split()]
     except ValueError:
@@ -60,26 +61,31 @@ def generate(
     m = _load(model_dir)
     state = m.new_state()
     start = time.perf_counter()
-    if context is not None:
-        state = m.ingest(state, _encode(m, context.read_text(encoding="utf-8")), executor=executor)
-    ingest_s = time.perf_counter() - start
-    if m.tokenizer is not None:  # a question follows the document as the service and the training data put it
-        from model.text import question_text
+    text = context.read_text(encoding="utf-8") if context is not None else ""
+    if m.tokenizer is not None:  # the question follows the document's last word after one space, as the service
+        from model.text import question_text  # and the training data put it (a file's final newline is not text)
 
-        prompt = question_text(prompt)
+        text, prompt = text.rstrip(), question_text(prompt)
+    if text:
+        state = m.ingest(state, _encode(m, text), executor=executor)
+    ingest_s = time.perf_counter() - start
     try:
         stream = m.generate(state, _encode(m, prompt), max_new_tokens=max_new_tokens, temperature=temperature,
                             executor=executor)
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
+    from service.core.textstream import AnswerText
+
     eos = set(m.default_stop_ids())
+    answer = AnswerText(m.tokenizer, ()) if m.tokenizer is not None else None  # whole characters, no lead space
     for token in stream:
         if token in eos:
             break
-        piece = m.tokenizer.decode([token]) if m.tokenizer is not None else f"{token} "
-        sys.stdout.write(piece)
+        sys.stdout.write(answer.add(token) if answer is not None else f"{token} ")
         sys.stdout.flush()
+    if answer is not None:
+        sys.stdout.write(answer.flush())
     typer.echo(f"\n[{state.tokens} context tokens, {state.segments} segments, ingest {ingest_s:.2f}s, "
                f"state {state.nbytes} bytes]", err=True)
 

@@ -135,17 +135,24 @@ def ingest_file(client: ArmtClient, path: str | Path, session_id: str, chunk_byt
         raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
     path = Path(path)
     total = path.stat().st_size
-    offset, failures, result = _offset(client, session_id, total), 0, None
+    offset, failures, conflicts, result = _offset(client, session_id, total), 0, 0, None
     with open(path, "rb") as f:
         while offset < total:
             f.seek(offset)
             chunk = f.read(chunk_bytes)
             try:
                 result = client.append(session_id, offset, chunk)
-                offset, failures = result["offset"], 0
+                offset, failures, conflicts = result["offset"], 0, 0
             except (httpx.TransportError, ArmtHTTPError) as e:
                 if isinstance(e, ArmtHTTPError) and e.status == 409 and "offset" in e.body.get("error", {}):
-                    offset = e.body["error"]["offset"]  # someone (an earlier attempt) got further: resume there
+                    # someone (an earlier attempt) got further: resume there. 409s in a row mean writers that
+                    # keep disagreeing (a concurrent uploader, servers that do not share a store): back off, give up
+                    if conflicts >= max_retries:
+                        raise
+                    if conflicts:
+                        sleep(_backoff(e, conflicts))
+                    conflicts += 1
+                    offset = e.body["error"]["offset"]
                     continue
                 if isinstance(e, ArmtHTTPError) and e.status not in RETRYABLE_STATUS or failures >= max_retries:
                     raise

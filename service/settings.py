@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.core.config import CoreConfig
+from service.core.config import CoreConfig, redact_url
 
 DEMO_MODEL_DIR = Path(".cache/demo-model")
 MiB = 1024 * 1024
@@ -85,7 +85,8 @@ class Settings(BaseSettings):
     @classmethod
     def _check_store(cls, value: str) -> str:
         if value != "disk" and not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError(f"ARMT_STORE must be 'disk' or a redis://, rediss:// or unix:// URL, got {value!r}")
+            raise ValueError("ARMT_STORE must be 'disk' or a redis://, rediss:// or unix:// URL, "
+                             f"got {redact_url(value)!r}")
         return value
 
     @field_validator("api_keys")

@@ -49,6 +49,27 @@ def test_engine_api_answers_from_memory(model):
     assert right >= 21, f"{right}/24"
 
 
+def test_cli_generate_answers_from_a_text_file(model, tmp_path):
+    """`armt generate --context FILE`: a file's final newline must not come between the document and the
+    question (the model never saw that layout), and the answer prints without its joining space."""
+    from typer.testing import CliRunner
+
+    from service.cli import app
+
+    right, runner = 0, CliRunner()
+    for text, question, answer in documents(model, 4, seed=11):
+        outs = []
+        for ending in ("", "\n"):
+            (tmp_path / "doc.txt").write_text(text + ending)
+            result = runner.invoke(app, ["generate", str(default_model_path()), "--context", str(tmp_path / "doc.txt"),
+                                         "--prompt", question, "--max-new-tokens", "4"])
+            assert result.exit_code == 0, result.output
+            outs.append(result.stdout)
+        assert outs[0] == outs[1] and not outs[0].startswith(" ")
+        right += outs[0].strip() == answer
+    assert right >= 3, f"{right}/4"
+
+
 def test_service_answers_from_memory_with_chunked_uploads(model, tmp_path):
     settings = Settings(model=default_model_path(), data_dir=tmp_path)
     with TestClient(create_app(settings)) as c:

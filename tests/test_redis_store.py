@@ -63,6 +63,32 @@ def test_a_write_over_the_wrong_version_is_refused_and_changes_nothing(store):
     assert got.offset == 9 and got.version == 2 and s.digest() == state(seed=3).digest()
 
 
+def test_after_a_rollback_a_write_over_a_lost_write_is_refused(store):
+    """Redis restarted from an older snapshot: one version number then names two different writes, and only the
+    write id tells the one the store holds from the one that was lost."""
+    v1 = meta(write_id="w1")
+    store.save(v1, state(seed=1))
+    key = store._key(v1.id)
+    snapshot = store.r.dump(key)
+    a2 = v1.evolve(version=2, offset=5, write_id="a2")
+    store.save(a2, state(seed=2), replaces="w1")  # replica A's write, lost in the rollback below
+    store.r.restore(key, 0, snapshot, replace=True)
+    b2 = v1.evolve(version=2, offset=7, write_id="b2")
+    store.save(b2, state(seed=3), replaces="w1")  # replica B writes the same version over what is there now
+    with pytest.raises(VersionConflict):  # A goes on from its lost write: refused, B's write stays
+        store.save(a2.evolve(version=3, offset=9, write_id="a3"), state(seed=4), replaces="a2")
+    assert store.get(v1.id) == b2 and store.load(v1.id, "fp")[1].digest() == state(seed=3).digest()
+
+
+def test_a_state_that_does_not_match_its_digest_is_never_served(store):
+    s = state(seed=1)
+    m = meta(state_digest=s.digest())
+    store.save(m, s)
+    store.r.hset(store._key(m.id), "state", state(seed=2).to_bytes())
+    with pytest.raises(StoreError, match="digest"):
+        store.load(m.id, "fp")
+
+
 def test_concurrent_writers_exactly_one_wins(redis_db):
     stores = [RedisStore.from_url(redis_db) for _ in range(8)]  # a connection each, like replicas
     stores[0].save(meta(), state())
@@ -139,7 +165,7 @@ def test_foreign_states_missing_sessions_and_an_unreachable_server(store):
         store.get("../x")
     dead = RedisStore.from_url(f"redis://127.0.0.1:{free_port()}/0")  # nothing listens there
     assert "unreachable" in dead.check()
-    with pytest.raises(StoreError, match="redis store: cannot read"):
+    with pytest.raises(StoreError, match=r"session store is unavailable \(cannot read"):
         dead.get("a" * 32)
 
 
@@ -164,6 +190,9 @@ def test_store_settings_are_checked():
 
     with pytest.raises(ValidationError, match="ARMT_STORE must be 'disk' or a redis://"):
         Settings(store="mysql://db/1")
+    with pytest.raises(ValidationError, match="got 'Redis://h:6379/0'") as info:  # a typo: no password echoed
+        Settings(store="Redis://:hunter2@h:6379/0")
+    assert "hunter2" not in str(info.value)
     with pytest.raises(ValidationError, match="ARMT_STORE_TTL_S applies to a Redis store"):
         Settings(store_ttl_s=60)
     assert Settings(store="redis://r:6379/2", store_ttl_s=60).to_core().store_ttl_s == 60
@@ -185,7 +214,8 @@ def test_an_unreachable_redis_is_a_503_and_not_ready(tiny_model_dir, free_redis_
         r = c.post("/v1/sessions")
         assert r.status_code == 503 and r.json()["error"]["code"] == "store_error"
         r = c.get(f"/v1/sessions/{'a' * 32}")
-        assert r.status_code == 503 and "redis store: cannot read" in r.json()["error"]["message"]
+        message = r.json()["error"]["message"]
+        assert r.status_code == 503 and "cannot read" in message and "127.0.0.1" not in message  # no addresses
         metrics = c.get("/metrics")
         assert metrics.status_code == 200 and "armt_sessions NaN" in metrics.text
 
@@ -194,3 +224,35 @@ def test_an_unreachable_redis_is_a_503_and_not_ready(tiny_model_dir, free_redis_
 def free_redis_url() -> str:
     """A Redis URL where nothing listens (a port just freed)."""
     return f"redis://127.0.0.1:{free_port()}/0"
+
+
+def test_a_hung_redis_leaves_ready_and_metrics_answering_in_seconds(tiny_model_dir):
+    """A Redis that accepts connections and never answers (paused, a network black hole): /ready and /metrics
+    answer within the probe timeout, far below Prometheus' 10 s scrape timeout."""
+    import socket
+
+    from fastapi.testclient import TestClient
+
+    from service.core.redis_store import PROBE_TIMEOUT_S
+    from service.http.app import create_app
+    from service.settings import Settings
+
+    with socket.create_server(("127.0.0.1", 0), backlog=64) as hung:  # never accepts: connects, then silence
+        url = f"redis://127.0.0.1:{hung.getsockname()[1]}/0"
+        with TestClient(create_app(Settings(model=tiny_model_dir, store=url))) as c:
+            for _ in range(600):
+                if c.get("/health").status_code == 200:
+                    break
+                time.sleep(0.05)
+            for path, status in (("/ready", 503), ("/metrics", 200)):
+                start = time.perf_counter()
+                assert c.get(path).status_code == status
+                assert time.perf_counter() - start < 3 * PROBE_TIMEOUT_S + 1, path
+
+
+def test_store_urls_are_redacted_for_logs():
+    from service.core.config import redact_url
+
+    assert redact_url("redis://:hunter2@10.0.0.5:6379/0") == "redis://10.0.0.5:6379/0"
+    assert redact_url("rediss://user:pw@h:1/2?ssl_cert_reqs=none") == "rediss://h:1/2?ssl_cert_reqs=none"
+    assert redact_url("unix:///run/redis.sock?password=hunter2&db=3") == "unix:///run/redis.sock?password=***&db=3"

@@ -57,12 +57,14 @@ def test_scheduler_check_room_refuses_without_submitting_and_new_questions_go_fi
 def test_a_reservation_holds_one_place_for_all_of_its_jobs():
     s = Scheduler(max_queue=2)
     with s.reservation():
+        assert s.waiting == 1  # an append reading its body: admitted, not started (armt_queue_depth)
         s.submit(gen_job())  # the second place
         with pytest.raises(Overloaded):
             s.submit(IngestJob(None, [1]))
         for i in range(3):  # the reservation's jobs, one after another, each in the reserved place
             job = IngestJob(None, [i], reserved=True)
             s.submit(job)
+            assert s.waiting == 2  # the job in the reservation's place, not both
             with pytest.raises(Overloaded):
                 s.check_room()
             s.finish(job)
@@ -96,6 +98,16 @@ def test_disk_store_round_trip_and_index_rebuild(tmp_path):
     assert m2 == m and s2.digest() == s.digest() and store2.total_bytes() > 0
     store2.delete(m.id)
     assert list(store2.scan()) == []
+
+
+def test_a_data_directory_has_one_owner(tmp_path):
+    """A second server on the same ARMT_DATA_DIR would serve its own stale index: it fails at start instead."""
+    first = DiskStore(tmp_path, exclusive=True)
+    with pytest.raises(StoreError, match="another process .* data directory"):
+        DiskStore(tmp_path, exclusive=True)
+    DiskStore(tmp_path).close()  # the tests' and tools' plain readers take no lock
+    first.close()
+    DiskStore(tmp_path, exclusive=True).close()
 
 
 def test_disk_store_refuses_another_models_state(tmp_path):

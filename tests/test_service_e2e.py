@@ -60,6 +60,26 @@ def append_in_pieces(client: ArmtClient, sid: str, data: bytes, cuts: list[int])
     return result
 
 
+def test_ingest_file_gives_up_on_writers_that_keep_disagreeing(tmp_path):
+    """Two servers without a shared store answer each offset with a 409 naming the other's: back off, then fail
+    instead of spinning forever."""
+    class Disagreeing:
+        appends = 0
+
+        def get_session(self, sid):
+            return {"offset": 0}
+
+        def append(self, sid, offset, chunk):
+            self.appends += 1
+            raise ArmtHTTPError(409, {"error": {"code": "offset_mismatch", "message": "m", "offset": 4 - offset}})
+
+    (tmp_path / "doc.txt").write_text("some text here")
+    client, naps = Disagreeing(), []
+    with pytest.raises(ArmtHTTPError):
+        ingest_file(client, tmp_path / "doc.txt", "0" * 32, chunk_bytes=4, max_retries=3, sleep=naps.append)
+    assert client.appends == 4 and naps == [0.5, 1.0]  # the first 409 is a plain resume
+
+
 def test_ingest_file_refuses_an_empty_chunk_size(tmp_path):
     """read(0) is b"": the upload would append nothing at the same offset forever."""
     (tmp_path / "doc.txt").write_text("text")

@@ -80,6 +80,8 @@ def test_session_lifecycle_and_pagination(c):
     assert_error(c.get(f"/v1/sessions/{ids[0]}"), 404, "not_found")
     assert_error(c.delete(f"/v1/sessions/{ids[0]}"), 404, "not_found")
     assert_error(c.get("/v1/sessions", params={"cursor": "nope"}), 422, "invalid_request")
+    append(c, ids[1], 0, b"some words ")
+    assert len(c.app.state.runtime.sessions._locks) == 0  # per-session locks live only while in use
     first = c.get("/v1/sessions?limit=2&cursor=")  # the README's form: an empty cursor is the first page
     assert first.status_code == 200 and first.json() == c.get("/v1/sessions", params={"limit": 2}).json()
 

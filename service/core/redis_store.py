@@ -29,15 +29,17 @@ from .errors import SessionNotFound, StateConflict, StoreError, VersionConflict
 from .types import SESSION_ID, SessionMeta
 
 log = logging.getLogger("armt.store")
+PROBE_TIMEOUT_S = 2.0  # /ready and the gauges: well under Prometheus' 10 s scrape timeout for both Redis calls
 
 # KEYS: session hash, tenant zset, all zset, sizes hash, bytes counter.
-# ARGV: new version, meta JSON, state bytes, id, listing score, TTL in ms (0: none).
-# Returns {1, version} when written, {0, stored version} when the stored version is not the new one - 1.
+# ARGV: new version, meta JSON, state bytes, id, listing score, TTL in ms (0: none), the write_id replaced, the
+# new write_id. Returns {1, version} when written, {0, stored version} when the stored session is not the one the
+# writer read (version - 1 with that write_id).
 _SAVE = """
 local stored = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')
 local version = tonumber(ARGV[1])
-if stored ~= version - 1 then return {0, stored} end
-redis.call('HSET', KEYS[1], 'v', ARGV[1], 'meta', ARGV[2], 'state', ARGV[3])
+if stored ~= version - 1 or (redis.call('HGET', KEYS[1], 'w') or '') ~= ARGV[7] then return {0, stored} end
+redis.call('HSET', KEYS[1], 'v', ARGV[1], 'meta', ARGV[2], 'state', ARGV[3], 'w', ARGV[8])
 local ttl = tonumber(ARGV[6])
 local expires = '+inf'
 if ttl > 0 then
@@ -89,15 +91,21 @@ class RedisStore:
 
     index_in_memory = False  # every lookup is a round trip: the service calls it in a thread
 
-    def __init__(self, client: redis.Redis, ttl_s: int | None = None, prefix: str = "armt") -> None:
+    def __init__(self, client: redis.Redis, ttl_s: int | None = None, prefix: str = "armt",
+                 probe: redis.Redis | None = None) -> None:
         self.r, self.ttl_ms, self.prefix = client, int(ttl_s * 1000) if ttl_s else 0, prefix
+        # /ready and the /metrics gauges go through `probe`, a client with a short timeout: a Redis that hangs must
+        # not hold a scrape past Prometheus' timeout (every replica would look down and the store-error alert,
+        # whose counter lives in that scrape, could never fire)
+        self.probe = probe or client
         self._save, self._delete = client.register_script(_SAVE), client.register_script(_DELETE)
         self._prune = client.register_script(_PRUNE)
 
     @classmethod
     def from_url(cls, url: str, ttl_s: int | None = None) -> "RedisStore":
-        client = redis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=5, health_check_interval=30)
-        return cls(client, ttl_s)
+        client = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=30)
+        probe = redis.Redis.from_url(url, socket_timeout=PROBE_TIMEOUT_S, socket_connect_timeout=PROBE_TIMEOUT_S)
+        return cls(client, ttl_s, probe=probe)
 
     # ------------------------------------------------------------------ keys
     def _key(self, session_id: str) -> str:
@@ -139,12 +147,12 @@ class RedisStore:
     def count(self) -> int:
         p = self.prefix
         return int(self._call("count", "", self._prune, keys=[f"{p}:all", f"{p}:sizes", f"{p}:bytes"],
-                              args=[f"{p}:s:"]))
+                              args=[f"{p}:s:"], client=self.probe))
 
-    def save(self, meta: SessionMeta, state: MemoryState) -> None:
+    def save(self, meta: SessionMeta, state: MemoryState, replaces: str = "") -> None:
         data = state.to_bytes()
         args = [meta.version, json.dumps(meta.to_json(), sort_keys=True), data, meta.id, meta.sort_key[0],
-                self.ttl_ms]
+                self.ttl_ms, replaces, meta.write_id]
         written, stored = self._call("write", meta.id, self._save, keys=self._keys(meta.id, meta.tenant), args=args)
         if not written:
             raise VersionConflict(f"session {meta.id} is at version {stored}; a write of version {meta.version} "
@@ -161,6 +169,8 @@ class RedisStore:
             raise StateConflict(f"session {session_id} holds a state this server's model cannot use: {e}") from None
         except (ValueError, KeyError, TypeError) as e:
             raise StoreError(f"cannot read session {session_id}: {e}") from None
+        if meta.state_digest and state.digest() != meta.state_digest:  # as the disk store: never serve a damaged one
+            raise StoreError(f"session {session_id}: the stored state does not match its digest")
         return meta, state
 
     def delete(self, session_id: str) -> None:
@@ -171,21 +181,25 @@ class RedisStore:
 
     def check(self) -> str | None:
         try:
-            self.r.ping()
+            self.probe.ping()
         except redis.RedisError as e:
-            return f"redis store unreachable: {e}"
+            log.warning("redis store unreachable: %s", e)
+            return "redis store unreachable"
         return None
 
     def total_bytes(self) -> int:
-        return int(self._call("count", "", self.r.get, f"{self.prefix}:bytes") or 0)
+        return int(self._call("count", "", self.probe.get, f"{self.prefix}:bytes") or 0)
 
     def close(self) -> None:
         self.r.close()
+        if self.probe is not self.r:
+            self.probe.close()
 
     @staticmethod
     def _call(what: str, name: str, fn, *args, **kwargs):
         """A Redis call whose failure is a StoreError (a 503 for the client), never a raw redis exception."""
         try:
             return fn(*args, **kwargs)
-        except redis.RedisError as e:
-            raise StoreError(f"redis store: cannot {what} {name or 'sessions'}: {e}") from None
+        except redis.RedisError as e:  # the details (addresses) go to the log, not to clients
+            log.warning("redis store: cannot %s %s: %s", what, name or "sessions", e)
+            raise StoreError(f"the session store is unavailable (cannot {what} {name or 'sessions'})") from None

@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 
-from .config import CoreConfig
+from .config import CoreConfig, redact_url
 from .errors import NotReady
 from .scheduler import Scheduler
 from .sessions import SessionService
@@ -67,7 +67,7 @@ class Runtime:
         self.model, self.store, self.scheduler, self.worker = model, store, scheduler, worker
         self.sessions = sessions
         self.status = "ready"
-        where = self.cfg.data_dir if self.cfg.store == "disk" else self.cfg.store.split("@")[-1]  # no password
+        where = self.cfg.data_dir if self.cfg.store == "disk" else redact_url(self.cfg.store)
         log.info("model %s loaded from %s in %.1fs; sessions in %s (%s)", model.fingerprint, self.cfg.model_dir,
                  time.perf_counter() - start, where, store.check() or "ok")
 
@@ -80,12 +80,14 @@ class Runtime:
     def stop(self) -> None:
         if self.worker is not None:
             self.worker.stop()
+        if self.store is not None:
+            self.store.close()
 
 
 def open_store(cfg: CoreConfig) -> SessionStore:
     """The disk store by default; a Redis store (imported only then) for ARMT_STORE=redis://..."""
     if cfg.store == "disk":
-        return DiskStore(cfg.data_dir, fault_delay_save_s=cfg.fault_delay_save_s)
+        return DiskStore(cfg.data_dir, fault_delay_save_s=cfg.fault_delay_save_s, exclusive=True)
     from .redis_store import RedisStore
 
     return RedisStore.from_url(cfg.store, cfg.store_ttl_s)  # connects on first use: /ready tells if it cannot

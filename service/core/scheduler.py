@@ -150,9 +150,12 @@ class Scheduler:
 
     @property
     def waiting(self) -> int:
-        """Admitted jobs the worker has not started yet (armt_queue_depth)."""
+        """Admitted work the worker has not started yet (armt_queue_depth): jobs, and appends admitted whose body
+        is still arriving (a reservation with no job queued), which hold a place in the queue all the same."""
         with self._cv:
-            return sum(not j.started for j in self._ingests) + sum(not j.started for j in self._decodes)
+            between_jobs = self._reserved - sum(job.reserved for job in self._ingests)
+            return (sum(not j.started for j in self._ingests) + sum(not j.started for j in self._decodes)
+                    + max(0, between_jobs))
 
     @property
     def running(self) -> int:

@@ -13,6 +13,7 @@ import hashlib
 import re
 import secrets
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import AsyncIterable, AsyncIterator
 
@@ -40,7 +41,8 @@ class SessionService:
         self.model, self.store, self.scheduler, self.stats, self.cfg = model, store, scheduler, stats, config
         self.tokenizer = model.tokenizer
         self._cache: OrderedDict[str, tuple[SessionMeta, object]] = OrderedDict()
-        self._locks: dict[str, asyncio.Lock] = {}
+        # one lock per session while someone holds or awaits it (weak: a replica serves unboundedly many sessions)
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
     # ------------------------------------------------------------------ lookups
     async def get(self, tenant: str, session_id: str) -> SessionMeta:
@@ -206,7 +208,7 @@ class SessionService:
         has now (one metadata read), else read from the store (meta and state in one consistent read)."""
         meta = await self.get(tenant, session_id)
         cached = self._cache.get(session_id)
-        if cached is not None and cached[0].version == meta.version:
+        if cached is not None and (cached[0].version, cached[0].write_id) == (meta.version, meta.write_id):
             self._cache.move_to_end(session_id)
             return cached
         start = time.perf_counter()
@@ -221,12 +223,13 @@ class SessionService:
     async def _commit(self, meta: SessionMeta, state) -> SessionMeta:
         """Store meta + state durably (in a thread) as the version after `meta`'s, then keep them in the LRU;
         VersionConflict when the stored session is no longer the one `meta` was read from."""
+        replaces = meta.write_id
         meta = meta.evolve(tokens=state.tokens, segments=state.segments, pending_tokens=len(state.pending),
                            state_bytes=state.nbytes, state_digest=await asyncio.to_thread(state.digest),
-                           version=meta.version + 1)
+                           version=meta.version + 1, write_id=secrets.token_hex(8))
         start = time.perf_counter()
         try:
-            await asyncio.to_thread(self.store.save, meta, state)
+            await asyncio.to_thread(self.store.save, meta, state, replaces)
         except VersionConflict:
             with self.stats.lock:
                 self.stats.store.version_conflicts += 1

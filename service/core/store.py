@@ -11,6 +11,7 @@ replica sees sessions that other replicas created or changed.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -46,9 +47,10 @@ class SessionStore(Protocol):
 
     def count(self) -> int: ...
 
-    def save(self, meta: SessionMeta, state: MemoryState) -> None:
+    def save(self, meta: SessionMeta, state: MemoryState, replaces: str = "") -> None:
         """Store meta and state together (atomic: old or new, never a mix), only over version `meta.version - 1`
-        (no session counts as version 0); otherwise VersionConflict and nothing is written."""
+        whose write_id is `replaces` (no session counts as version 0, write ""); otherwise VersionConflict and
+        nothing is written."""
 
     def load(self, session_id: str, fingerprint: str) -> tuple[SessionMeta, MemoryState]:
         """Meta and state as last saved (one consistent pair); SessionNotFound when there is no such session,
@@ -61,11 +63,28 @@ class SessionStore(Protocol):
 
     def total_bytes(self) -> int: ...
 
+    def close(self) -> None:
+        """Release connections or the data directory (the service's shutdown)."""
 
-def check_version(session_id: str, stored: int, meta: SessionMeta) -> None:
-    """Optimistic concurrency: a write must say which version it replaces (its own version - 1)."""
-    if meta.version != stored + 1:
-        raise VersionConflict(f"session {session_id} is at version {stored}; a write of version {meta.version} "
+
+def _lock_directory(root: Path):
+    """An open file holding an exclusive flock on root/.lock, or StoreError when another process holds it."""
+    owner = open(root / ".lock", "a+")
+    try:
+        fcntl.flock(owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        owner.close()
+        raise StoreError(f"another process (a second armt serve?) is using the data directory {root}; a disk store "
+                         "has one owner: give each server its own ARMT_DATA_DIR, or share sessions through Redis "
+                         "(ARMT_STORE)") from None
+    return owner
+
+
+def check_version(session_id: str, stored: SessionMeta | None, meta: SessionMeta, replaces: str) -> None:
+    """Optimistic concurrency: a write must name the write it replaces (its version - 1, and that write's id)."""
+    version, write_id = (stored.version, stored.write_id) if stored else (0, "")
+    if meta.version != version + 1 or replaces != write_id:
+        raise VersionConflict(f"session {session_id} is at version {version}; a write of version {meta.version} "
                               "lost a race with another writer")
 
 
@@ -73,23 +92,32 @@ class DiskStore:
     index_in_memory = True
     """One file per session under `root/sessions/<id>.safetensors`, and an in-memory index of their metadata.
 
-    One process owns a data directory: the index is this process's view, rebuilt from the file headers here.
+    One process owns a data directory: the index is this process's view, rebuilt from the file headers here. The
+    service therefore opens it `exclusive`: a lock on `root/.lock` (released with the process, or by close()) makes
+    a second server on the same directory fail at start instead of serving its own stale view.
 
     `fault_delay_save_s` (ARMT_FAULT_DELAY_SAVE_S, tests only) sleeps between a write's temporary file and its
     rename, so that a crash test can kill the server inside a state write (it waits for the `.tmp` file).
     """
 
-    def __init__(self, root: Path, fault_delay_save_s: float = 0.0) -> None:
+    def __init__(self, root: Path, fault_delay_save_s: float = 0.0, exclusive: bool = False) -> None:
         self.root = Path(root)
         self._before_replace = (lambda: time.sleep(fault_delay_save_s)) if fault_delay_save_s > 0 else None
         self.dir = self.root / "sessions"
         self.dir.mkdir(parents=True, exist_ok=True)
+        self._owner = _lock_directory(self.root) if exclusive else None
         self._sizes: dict[str, int] = {}
         for leftover in self.dir.glob(".*.tmp"):  # a write interrupted by a crash: never acknowledged
             leftover.unlink(missing_ok=True)
         self._lock = threading.Lock()  # guards the index and the per-session write locks
         self._writing: dict[str, threading.Lock] = {}
         self._index: dict[str, SessionMeta] = {meta.id: meta for meta in self.scan()}
+
+    def close(self) -> None:
+        """Give up the data directory (exclusive stores)."""
+        if self._owner is not None:
+            self._owner.close()
+            self._owner = None
 
     def get(self, session_id: str) -> SessionMeta | None:
         return self._index.get(session_id)
@@ -119,14 +147,14 @@ class DiskStore:
             self._sizes[meta.id] = path.stat().st_size
             yield meta
 
-    def save(self, meta: SessionMeta, state: MemoryState) -> None:
+    def save(self, meta: SessionMeta, state: MemoryState, replaces: str = "") -> None:
         path = self._path(meta.id)
         data = state.to_bytes({SESSION_KEY: json.dumps(meta.to_json(), sort_keys=True)})
         with self._lock:
             writing = self._writing.setdefault(meta.id, threading.Lock())
         with writing:  # check, write and publish one session's version at a time; other sessions go on
             current = self._index.get(meta.id)
-            check_version(meta.id, current.version if current else 0, meta)
+            check_version(meta.id, current, meta, replaces)
             try:
                 atomic_write(path, data, self._before_replace)
             except OSError as e:

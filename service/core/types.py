@@ -46,6 +46,10 @@ class SessionMeta:
     # Bumped by every write. A store writes only over version - 1 (optimistic concurrency): with several replicas
     # on one shared store, the append that lost a race is refused instead of overwriting the winner.
     version: int = 0
+    # Random per write: a version number alone names no write once a store rolls back (Redis restarted from an older
+    # snapshot, a failover to a lagging replica) and two different writes get the same number. Caches and the
+    # store's compare-and-set check both.
+    write_id: str = ""
 
     def to_json(self) -> dict:
         d = asdict(self)
