@@ -30,16 +30,18 @@ class ArmtEngineMixin:
     def check_ids(self, ids: IdsLike, name: str = "input_ids", allow_empty: bool = False) -> torch.Tensor:
         """Validate token ids; returns a [B, T] int64 tensor on the model's device."""
         if not isinstance(ids, torch.Tensor):
-            try:
-                ids = torch.tensor(list(ids), dtype=torch.int64, device=self.device)  # a list is on no device
+            try:  # the values' own type (a list is on no device): 1.7 or True must be refused, not truncated
+                ids = torch.as_tensor(ids if hasattr(ids, "__array__") else list(ids), device=self.device)
             except (TypeError, ValueError, RuntimeError) as e:
                 raise ValueError(f"{name} must be integer token ids: {e}") from None
+            if ids.numel() == 0:
+                ids = ids.to(torch.int64)  # an empty list is float to torch
         if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
             raise ValueError(f"{name} must have an integer dtype, got {ids.dtype}")
         if ids.dim() == 1:
             ids = ids.unsqueeze(0)
-        if ids.dim() != 2:
-            raise ValueError(f"{name} must be [T] or [B, T], got shape {tuple(ids.shape)}")
+        if ids.dim() != 2 or ids.shape[0] == 0:
+            raise ValueError(f"{name} must be [T] or [B, T] with B >= 1, got shape {tuple(ids.shape)}")
         if ids.device.type != self.device.type:
             raise ValueError(f"{name} is on {ids.device} but the model is on {self.device}")
         if ids.shape[1] == 0 and not allow_empty:
@@ -79,11 +81,12 @@ class ArmtEngineMixin:
         and `act_stats` (an ActStats) receives the hops actually used.
         """
         act = ActRun.for_model(self.config, max_hop, act_stats)
+        run = self._executor(executor)
         ids = self.check_ids(input_ids)
         B, T = ids.shape
         A, z = self._empty_memory(B)
         first = torch.ones(B, dtype=torch.bool, device=self.device)
-        logits, A, z = self._executor(executor)(self, ids, A, z, first, True, act)
+        logits, A, z = run(self, ids, A, z, first, True, act)
         n_segments = -(-T // self.config.segment_size)
         states = [MemoryState(A[b], z[b], self.fingerprint, [], n_segments, T) for b in range(B)]
         return logits, (states[0] if B == 1 else states)
@@ -95,13 +98,14 @@ class ArmtEngineMixin:
         The result depends only on the concatenation of everything ever ingested, never on how it was split.
         Returns a new MemoryState; `state` is left as it was.
         """
+        run = self._executor(executor)  # a misspelt name is an error even when nothing is written yet
         tokens, n_write = self._plan_ingest(state, input_ids)
         if not n_write:  # only the pending tail grows; the memory is copied, never shared between states
             return self._advanced(state, tokens, 0, state.A.clone(), state.z.clone())
         first = torch.tensor([state.segments == 0], device=self.device)
         write_ids = torch.tensor([tokens[:n_write]], dtype=torch.int64, device=self.device)  # [1, n_write]
         A, z = state.A.unsqueeze(0).to(self.device), state.z.unsqueeze(0).to(self.device)  # [1, L, ...]
-        _, A, z = self._executor(executor)(self, write_ids, A, z, first, False)  # new tensors; inputs untouched
+        _, A, z = run(self, write_ids, A, z, first, False)  # new tensors; inputs untouched
         return self._advanced(state, tokens, n_write, A[0], z[0])
 
     @torch.no_grad()
@@ -161,9 +165,12 @@ class ArmtEngineMixin:
         """Yield new token ids one by one for pending tail + prompt; `state` is never modified.
 
         stop_token_ids defaults to the base config's eos_token_id (as HF generate); a stop token is yielded and
-        ends the stream. Greedy unless temperature > 0. `max_hop` / `act_stats` as in forward_long (ACT models).
+        ends the stream. Greedy unless temperature > 0. ACT models: `max_hop` sets the hop limit of the answer's
+        segment (the final one, read-only, and its new tokens); whole segments of pending + prompt written before it
+        use the configured limit, as `ingest` would. `act_stats` receives the hops used.
         """
         act = ActRun.for_model(self.config, max_hop, act_stats)
+        self._executor(executor)  # checked now, not when the returned iterator first runs
         state.check(self.fingerprint)
         params = SamplingParams(max_new_tokens, temperature, top_p, self._stop_ids(stop_token_ids), seed)
         ids = self.check_ids(prompt_ids, name="prompt_ids", allow_empty=True)
@@ -184,7 +191,9 @@ class ArmtEngineMixin:
             first = torch.tensor([state.segments == 0], device=self.device)
             if write_tokens:
                 write_ids = torch.tensor([write_tokens], dtype=torch.int64, device=self.device)
-                _, A, z = self._executor(executor)(self, write_ids, A, z, first, False, act)
+                # written as `ingest` writes it (the configured hop limit): a max_hop override applies to the
+                # answer's read-only segment only, so the answer never depends on where a session's tail ended
+                _, A, z = self._executor(executor)(self, write_ids, A, z, first, False)
                 first = torch.zeros_like(first)
         final_ids = torch.tensor([final], dtype=torch.int64, device=self.device)  # [1, n]
         yield from decode_final_segment(self, final_ids, A, z, first, params, act)

@@ -108,6 +108,17 @@ def test_generate_and_ingest_on_act_models():
     assert act3.ingest_many([act3.new_state()], [ids(20)[0]])[0].segments == 2
 
 
+def test_an_answer_with_max_hop_does_not_depend_on_where_the_session_tail_ended():
+    """generate writes the whole segments of pending + prompt as ingest would (the configured limit); max_hop is
+    the answer's own compute: the same tokens split differently give the same answer."""
+    _, act = pair(max_hop=3, bias=-1.0)
+    doc = ids(47)[0].tolist()
+    answers = [list(act.generate(act.ingest(act.new_state(), doc[:cut]), doc[cut:], max_new_tokens=4,
+                                 stop_token_ids=[], max_hop=1)) for cut in (0, 23, 30, 40)]
+    assert all(a == answers[0] for a in answers), answers
+    assert list(act.generate(act.new_state(), doc, max_new_tokens=4, stop_token_ids=[], max_hop=3)) != answers[0]
+
+
 def test_act_config_round_trip(tmp_path):
     _, act = pair(max_hop=3, bias=0.5)
     act.save_pretrained(tmp_path / "act")

@@ -68,3 +68,14 @@ def test_bench_graphs_need_cuda():
     result = CliRunner().invoke(app, ["bench", "ingest", "--graphs"])
     assert result.exit_code == 2
     assert "--graphs needs --device cuda" in result.output
+
+
+def test_text_training_in_bf16_with_the_default_probe(tmp_path):
+    """--bf16 casts the model; the probe (on by default) must follow it (it stayed fp32: a dtype error at step 1)."""
+    tiny = ["--minutes", "1", "--max-steps", "2", "--batch-size", "2", "--aux-batch-size", "0", "--copy-batch-size",
+            "0", "--layers", "2", "--hidden", "32", "--heads", "2", "--ffn", "64", "--num-mem-tokens", "4",
+            "--d-mem", "8", "--segment-size", "32", "--vocab", "400", "--warmup", "2"]
+    result = CliRunner().invoke(app, ["train", "--out", str(tmp_path / "bf16"), "--stages", "0,1", "--probe-layer",
+                                      "1", "--bf16", *tiny])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "bf16" / "model" / "model.safetensors").is_file()

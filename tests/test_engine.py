@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 import torch
 from torch.testing import assert_close
@@ -115,10 +116,28 @@ def test_corrupt_state_file_is_a_clear_error(tmp_path):
     (torch.tensor([1.0, 2.0]), "integer dtype"),
     (torch.zeros(1, 2, 3, dtype=torch.long), "shape"),
     ([[1, 2], [3]], "integer token ids"),
+    ([1.7, 2.2], "integer dtype"),  # never truncated to [1, 2]
+    (np.array([1.5, 2.5]), "integer dtype"),
+    ([True, False], "integer dtype"),
+    (torch.zeros(0, 3, dtype=torch.long), "B >= 1"),
 ])
 def test_bad_inputs_are_value_errors(model, bad, match):
     with pytest.raises(ValueError, match=match):
         model.forward_long(bad)
+
+
+def test_integer_arrays_and_empty_lists_are_ids(model):
+    state = model.ingest(model.new_state(), np.array([3, 4, 5], dtype=np.int32))
+    assert state.pending == [3, 4, 5] and model.ingest(state, []).pending == [3, 4, 5]
+
+
+def test_a_misspelt_executor_is_an_error_at_once(model):
+    state = model.new_state()
+    for call in (lambda: model.ingest(state, [1, 2], executor="bogus"),  # nothing would be written yet
+                 lambda: model.generate(state, [1, 2], executor="bogus"),  # raised by the call, not by next()
+                 lambda: model.forward_long([1, 2], executor="bogus")):
+        with pytest.raises(ValueError, match="unknown executor 'bogus'"):
+            call()
 
 
 def test_sampling_params_are_checked(model):

@@ -85,7 +85,8 @@ class Trainer:
         vocab = model.base.vocab_size
         if cfg.probe_weight and not 0 <= cfg.probe_layer < model.n_layers:
             raise ValueError(f"probe_layer {cfg.probe_layer} is not a block of this {model.n_layers}-layer model")
-        self.probe = Probe(model.base.d_model, vocab, cfg.probe_layer).to(model.device) if cfg.probe_weight else None
+        self.probe = (Probe(model.base.d_model, vocab, cfg.probe_layer).to(model.device, model.dtype)
+                      if cfg.probe_weight else None)
         params = list(model.parameters()) + (list(self.probe.parameters()) if self.probe else [])
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
         self.state = TrainState()
