@@ -52,6 +52,16 @@ class ArmtEngineMixin:
             raise ValueError(f"{name} holds token id {bad}, outside the vocabulary [0, {vocab})")
         return ids.to(torch.int64)
 
+    def _check_state(self, state: MemoryState) -> None:
+        """This model's state: its fingerprint, the memory's shapes, pending ids in the vocabulary."""
+        state.check(self.fingerprint)
+        shape = (self.n_layers, self.config.d_key, self.base.d_model)
+        if tuple(state.A.shape) != shape or tuple(state.z.shape) != shape[:2]:
+            raise ValueError(f"memory state has A {tuple(state.A.shape)}, z {tuple(state.z.shape)}; this model "
+                             f"needs {shape} and {shape[:2]}")
+        if state.pending and not 0 <= min(state.pending) <= max(state.pending) < self.base.vocab_size:
+            raise ValueError(f"memory state's pending tokens are outside the vocabulary [0, {self.base.vocab_size})")
+
     def _executor(self, name: str):
         """The executor by name; ACT models always run the sequential order (per-token hop counts differ by layer,
         which one diagonal step cannot batch)."""
@@ -137,7 +147,7 @@ class ArmtEngineMixin:
 
     def _plan_ingest(self, state: MemoryState, input_ids: IdsLike) -> tuple[list[int], int]:
         """(pending tail + new ids, how many of them form whole segments to write now)."""
-        state.check(self.fingerprint)
+        self._check_state(state)
         ids = self.check_ids(input_ids, allow_empty=True)
         if ids.shape[0] != 1:
             raise ValueError(f"ingest takes one session's ids [T] or [1, T], got batch {ids.shape[0]}")
@@ -171,7 +181,7 @@ class ArmtEngineMixin:
         """
         act = ActRun.for_model(self.config, max_hop, act_stats)
         self._executor(executor)  # checked now, not when the returned iterator first runs
-        state.check(self.fingerprint)
+        self._check_state(state)
         params = SamplingParams(max_new_tokens, temperature, top_p, self._stop_ids(stop_token_ids), seed)
         ids = self.check_ids(prompt_ids, name="prompt_ids", allow_empty=True)
         if ids.shape[0] != 1:

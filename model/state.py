@@ -87,8 +87,7 @@ class MemoryState:
             tensors = load_tensors(data)
         except Exception as e:  # safetensors raises its own error type for corrupt data
             raise ValueError(f"cannot read memory state: {e}") from None
-        state = cls(tensors["A"], tensors["z"], meta["fingerprint"], tensors["pending"].tolist(),
-                    int(meta["segments"]), int(meta["tokens_written"]))
+        state = cls._checked(meta, tensors, "memory state")
         if fingerprint is not None:
             state.check(fingerprint)
         return state
@@ -112,17 +111,39 @@ class MemoryState:
                 meta = json.loads((f.metadata() or {}).get("armt", "{}"))
                 if meta.get("format") != STATE_FORMAT:
                     raise ValueError(f"{path} is not an ARMT memory state (format {meta.get('format')!r})")
-                A, z, pending = f.get_tensor("A"), f.get_tensor("z"), f.get_tensor("pending")
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"cannot read memory state {path}: {e}") from None
         except Exception as e:  # safetensors raises its own error type for corrupt headers
             if isinstance(e, ValueError):
                 raise
             raise ValueError(f"cannot read memory state {path}: {e}") from None
-        state = cls(A, z, meta["fingerprint"], pending.tolist(), int(meta["segments"]), int(meta["tokens_written"]))
+        state = cls._checked(meta, tensors, f"memory state {path}")
         if fingerprint is not None:
             state.check(fingerprint)
         return state
+
+    @classmethod
+    def _checked(cls, meta: dict, tensors: dict, what: str) -> "MemoryState":
+        """A state from a file's parts, its structure checked (ValueError): a file with the right fingerprint but
+        a wrong shape, dtype or token list would otherwise fail far from here, or pass as a valid state."""
+        missing = [k for k in ("fingerprint", "segments", "tokens_written") if k not in meta]
+        missing += [k for k in ("A", "z", "pending") if k not in tensors]
+        if missing:
+            raise ValueError(f"{what} lacks {', '.join(missing)}")
+        A, z, pending = tensors["A"], tensors["z"], tensors["pending"]
+        if A.dtype != torch.float32 or z.dtype != torch.float32:
+            raise ValueError(f"{what}: A and z must be float32, got {A.dtype} and {z.dtype}")
+        if A.dim() != 3 or tuple(z.shape) != tuple(A.shape[:2]):
+            raise ValueError(f"{what}: A must be [L, d_key, d] and z [L, d_key], got {tuple(A.shape)} and "
+                             f"{tuple(z.shape)}")
+        if pending.dtype != torch.int64 or pending.dim() != 1 or (pending.numel() and int(pending.min()) < 0):
+            raise ValueError(f"{what}: pending must be non-negative int64 token ids [n]")
+        try:
+            segments, written = int(meta["segments"]), int(meta["tokens_written"])
+        except (TypeError, ValueError):
+            raise ValueError(f"{what}: segments and tokens_written must be integers") from None
+        return cls(A, z, str(meta["fingerprint"]), pending.tolist(), segments, written)
 
 
 def header_metadata(data: bytes) -> dict[str, str]:

@@ -21,9 +21,19 @@ def _load(model_dir: Path):
 
     try:
         return ArmtModel.from_pretrained(model_dir, device="cpu", dtype=torch.float32)
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:  # missing files, a truncated or foreign weights file, a bad config
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
+    except Exception as e:  # safetensors' own error type for a damaged file
+        if type(e).__name__ != "SafetensorError":
+            raise
+        typer.echo(f"error: {model_dir}: damaged weights file: {e}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
 
 
 @app.command()
@@ -61,7 +71,10 @@ def generate(
     m = _load(model_dir)
     state = m.new_state()
     start = time.perf_counter()
-    text = context.read_text(encoding="utf-8") if context is not None else ""
+    try:
+        text = context.read_text(encoding="utf-8") if context is not None else ""
+    except (OSError, UnicodeDecodeError) as e:
+        _fail(f"cannot read --context {context}: {e}")
     if m.tokenizer is not None:  # the question follows the document's last word after one space, as the service
         from model.text import question_text  # and the training data put it (a file's final newline is not text)
 
@@ -113,7 +126,11 @@ def init_random(out_dir: Path, base: str = "llama", layers: int = 4, hidden: int
     from model import ArmtConfig, ArmtModel
     from model.text import EOS
 
+    if layers < 1 or hidden < 32 or hidden % 32:
+        _fail(f"--layers must be >= 1 and --hidden a multiple of 32 (heads of 32), got {layers} and {hidden}")
     tok = demo_tokenizer(vocab) if tokenizer else None
+    if tok is not None and tok.get_vocab_size() > vocab:
+        _fail(f"--vocab {vocab} is too small for a byte-level tokenizer ({tok.get_vocab_size()} tokens at least)")
     eos = {"eos_token_id": tok.token_to_id(EOS), "bos_token_id": tok.token_to_id(EOS)} if tok else {}
     if base == "llama":
         cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden,
@@ -125,7 +142,10 @@ def init_random(out_dir: Path, base: str = "llama", layers: int = 4, hidden: int
     else:
         typer.echo("error: --base must be llama or gpt2", err=True)
         raise typer.Exit(2)
-    armt = ArmtConfig(num_mem_tokens=num_mem_tokens, d_mem=d_mem, segment_size=segment_size)
+    try:
+        armt = ArmtConfig(num_mem_tokens=num_mem_tokens, d_mem=d_mem, segment_size=segment_size)
+    except ValueError as e:
+        _fail(str(e))
     model = ArmtModel.from_config(cfg, armt, seed=seed)
     model.tokenizer = tok
     model.save_pretrained(out_dir)

@@ -78,8 +78,15 @@ def _trainer(o: dict):
     torch.manual_seed(o["seed"])
     model = _training_model(o)
     model = model.to(device=o["device"], dtype=torch.bfloat16 if o["bf16"] else torch.float32)
-    trainer = Trainer(model, Codec(model.tokenizer) if model.tokenizer is not None else None, cfg, o["out"])
-    if o["resume"] and not trainer.load_checkpoint():
+    try:
+        trainer = Trainer(model, Codec(model.tokenizer) if model.tokenizer is not None else None, cfg, o["out"])
+    except ValueError as e:  # e.g. a probe layer the model does not have
+        raise typer.BadParameter(str(e), param_hint="--probe-layer") from e
+    try:
+        resumed = o["resume"] and trainer.load_checkpoint()
+    except ValueError as e:  # the checkpoint is of another run: other options or another model shape
+        raise typer.BadParameter(str(e), param_hint="--resume") from e
+    if o["resume"] and not resumed:
         typer.echo(f"error: no checkpoint in {o['out'] / 'checkpoint'}", err=True)
         raise typer.Exit(2)
     return model, trainer, cfg
@@ -93,15 +100,50 @@ def _train_config(options: dict):
 
     from model.training import TrainConfig
 
+    _check_train_options(options)
     cfg = {f.name: options[f.name] for f in fields(TrainConfig) if f.name in options}
     if cfg["task"] == "ca":
         cfg.update(stages="1", aux_batch_size=0, copy_batch_size=0, probe_weight=0.0)
-    cfg["stages"] = tuple(int(s) for s in cfg["stages"].split(","))
+    cfg["stages"] = _ints(cfg["stages"], "--stages", low=0)
     cfg["questions"] = cfg["questions"] or (1 if cfg["task"] == "remember" else 4)
     try:
         return TrainConfig(**cfg)
     except ValueError as e:  # the config's own checks (memory streams need task remember)
         raise typer.BadParameter(str(e), param_hint="--stream-max") from e
+
+
+TASKS = ("qa1", "qa2", "remember", "ca")
+CHOICES = {"arch": ("armt", "plain"), "ca_variant": ("os", "oo", "shift")}
+
+
+def _check_train_options(o: dict) -> None:
+    """Clear errors for option values that would otherwise fail deep inside (or after minutes of setup)."""
+    import torch
+
+    if o["task"] not in TASKS:
+        raise typer.BadParameter(f"unknown task {o['task']!r}; one of {', '.join(TASKS)}", param_hint="--task")
+    for name, choices in CHOICES.items():
+        if o[name] not in choices:
+            raise typer.BadParameter(f"{o[name]!r} is not one of {', '.join(choices)}",
+                                     param_hint=f"--{name.replace('_', '-')}")
+    if not 1 <= o["ca_k"] <= 4:
+        raise typer.BadParameter(f"must be in 1..4, got {o['ca_k']}", param_hint="--ca-k")
+    for name in ("batch_size", "layers", "hidden", "heads", "max_steps"):
+        if o[name] < 1:
+            raise typer.BadParameter(f"must be >= 1, got {o[name]}", param_hint=f"--{name.replace('_', '-')}")
+    if o["device"].startswith("cuda") and not torch.cuda.is_available():
+        raise typer.BadParameter("this torch build or machine has no CUDA device", param_hint="--device")
+
+
+def _ints(text: str, hint: str, low: int) -> tuple[int, ...]:
+    """A comma-separated list of integers >= low (BadParameter otherwise)."""
+    try:
+        values = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated integers, got {text!r}", param_hint=hint) from None
+    if not values or min(values) < low:
+        raise typer.BadParameter(f"expected integers >= {low}, got {text!r}", param_hint=hint)
+    return values
 
 
 def _training_model(o: dict):
@@ -185,6 +227,15 @@ def evaluate(
 
     from service.cli import _load
 
+    lengths = _ints(segments, "--segments", low=1)
+    if samples < 1 or long_samples < 1:
+        raise typer.BadParameter("must be >= 1", param_hint="--samples / --long-samples")
+    if split not in ("eval", "train"):
+        raise typer.BadParameter(f"{split!r} is not eval or train", param_hint="--split")
+    if executor not in ("sequential", "diagonal"):
+        raise typer.BadParameter(f"{executor!r} is not sequential or diagonal", param_hint="--executor")
+    if task not in TASKS:
+        raise typer.BadParameter(f"unknown task {task!r}; one of {', '.join(TASKS)}", param_hint="--task")
     m = _load(model_dir or default_model_path())
     if task == "ca":
         torch.set_grad_enabled(False)
@@ -196,7 +247,7 @@ def evaluate(
     torch.set_grad_enabled(False)
     codec = Codec(m.tokenizer)
     rows = []
-    for n in (int(x) for x in segments.split(",") if x.strip()):
+    for n in lengths:
         start = time.perf_counter()
         k = samples if n <= 256 else long_samples
         row = accuracy(m, codec, task, n, k, split=split, seed=seed + n, batch_size=batch_size, executor=executor,
@@ -217,7 +268,7 @@ def evaluate(
 def _eval_ca(m, model_dir, k: int, variant: str, max_hop: str, samples: int, seed: int, out: Path | None) -> None:
     from model.training.reasoning import ca_accuracy
 
-    hops = [int(x) for x in max_hop.split(",") if x.strip()] or [None]
+    hops = list(_ints(max_hop, "--max-hop", low=1)) if max_hop.strip() else [None]
     rows = []
     for hop in hops:
         start = time.perf_counter()

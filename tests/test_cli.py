@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import json
+import shutil
 
+import pytest
+import torch
+from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from service.cli import app
@@ -79,3 +83,62 @@ def test_text_training_in_bf16_with_the_default_probe(tmp_path):
                                       "1", "--bf16", *tiny])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "bf16" / "model" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("args", [
+    ["init-random", "{tmp}/m", "--vocab", "200", "--tokenizer"],  # a byte-level BPE has >= 258 tokens
+    ["init-random", "{tmp}/m", "--hidden", "100"],
+    ["init-random", "{tmp}/m", "--segment-size", "0"],
+    ["generate", "{model}", "--prompt", "1", "--context", "{tmp}/nope.txt"],
+    ["generate", "{model}", "--prompt", "1", "--context", "{tmp}/latin1.txt"],
+    ["info", "{tmp}/truncated"],
+])
+def test_bad_arguments_and_files_are_clean_errors(tmp_path, args):
+    model = write_official(build_reference("llama"), tmp_path / "model")
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    truncated = tmp_path / "truncated"  # a weights file cut short (a failed download, a full disk)
+    shutil.copytree(model, truncated)
+    (truncated / "pytorch_model.bin").unlink()
+    save_file({"x": torch.zeros(4)}, str(truncated / "model.safetensors"))
+    (truncated / "model.safetensors").write_bytes((truncated / "model.safetensors").read_bytes()[:40])
+    result = CliRunner().invoke(app, [a.format(tmp=tmp_path, model=model) for a in args])
+    assert result.exit_code == 2 and "error:" in result.output, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+TINY_TEXT = ["--minutes", "1", "--max-steps", "1", "--batch-size", "2", "--aux-batch-size", "0",
+             "--copy-batch-size", "0", "--layers", "2", "--hidden", "32", "--heads", "2", "--ffn", "64",
+             "--num-mem-tokens", "4", "--d-mem", "8", "--segment-size", "32", "--vocab", "400", "--warmup", "1",
+             "--probe-layer", "1"]
+
+
+@pytest.mark.parametrize("args,hint", [
+    (["--task", "foo"], "--task"),
+    (["--stages", "abc"], "--stages"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--probe-layer", "2"], "--probe-layer"),  # a 2-layer model has blocks 0 and 1
+    (["--task", "ca", "--ca-variant", "xx"], "--ca-variant"),
+    (["--task", "ca", "--ca-k", "9"], "--ca-k"),
+])
+def test_bad_training_options_are_clean_errors(tmp_path, args, hint):
+    result = CliRunner().invoke(app, ["train", "--out", str(tmp_path / "run"), *TINY_TEXT, *args])
+    assert result.exit_code == 2 and hint in result.output, result.output
+
+
+@pytest.mark.parametrize("args,hint", [(["--samples", "0"], "--samples"), (["--segments", "0"], "--segments"),
+                                       (["--executor", "bogus"], "--executor"), (["--split", "foo"], "--split")])
+def test_bad_eval_options_are_clean_errors(tmp_path, args, hint):
+    result = CliRunner().invoke(app, ["eval", "--out", str(tmp_path / "e.json"), *args])
+    assert result.exit_code == 2 and hint in result.output, result.output
+
+
+def test_resume_refuses_a_checkpoint_of_another_run(tmp_path):
+    runner, out = CliRunner(), str(tmp_path / "run")
+    first = runner.invoke(app, ["train", "--out", out, "--stages", "0,1", *TINY_TEXT])
+    assert first.exit_code == 0, first.output
+    assert (tmp_path / "run" / "checkpoint" / "trainer.pt").is_file()
+    again = runner.invoke(app, ["train", "--out", out, "--stages", "0,1", "--resume", *TINY_TEXT, "--max-steps", "2"])
+    assert again.exit_code == 0, again.output  # the budgets may change
+    for change, name in ((["--task", "qa2"], "task"), (["--hidden", "64"], "shape")):
+        other = runner.invoke(app, ["train", "--out", out, "--stages", "0,1", "--resume", *TINY_TEXT, *change])
+        assert other.exit_code == 2 and "another" in other.output and name in other.output, other.output

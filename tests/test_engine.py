@@ -1,6 +1,7 @@
 """Engine semantics: chunk invariance, generate on copies, state round trips, sampling and input errors."""
 from __future__ import annotations
 
+import json
 import random
 
 import numpy as np
@@ -107,6 +108,50 @@ def test_corrupt_state_file_is_a_clear_error(tmp_path):
     path.write_bytes(b"not a state")
     with pytest.raises(ValueError, match="cannot read memory state"):
         MemoryState.load(path)
+
+
+def _tampered(model, tmp_path, **change):
+    """A saved state of `model` with some of its parts replaced (tensors, or metadata keys; None drops one)."""
+    from safetensors.torch import save_file
+
+    state = model.ingest(model.new_state(), _doc(15))
+    tensors = {"A": state.A, "z": state.z, "pending": torch.tensor(state.pending, dtype=torch.int64)}
+    meta = state.metadata()
+    for key, value in change.items():
+        target = tensors if key in tensors else meta
+        if value is None:
+            del target[key]
+        else:
+            target[key] = value
+    path = tmp_path / "state.safetensors"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"armt": json.dumps(meta)})
+    return path
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"fingerprint": None}, "lacks fingerprint"),
+    ({"z": None}, "lacks z"),
+    ({"A": torch.zeros(2, 3, 4, dtype=torch.float16)}, "float32"),
+    ({"A": torch.zeros(2, 3)}, r"A must be \[L, d_key, d\]"),
+    ({"pending": torch.tensor([4, -3])}, "non-negative"),
+    ({"segments": "many"}, "integers"),
+])
+def test_a_malformed_state_file_is_a_clear_error(model, tmp_path, change, match):
+    path = _tampered(model, tmp_path, **change)
+    for read in (lambda: MemoryState.load(path), lambda: MemoryState.from_bytes(path.read_bytes())):
+        with pytest.raises(ValueError, match=match):
+            read()
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"A": torch.zeros(2, 6, 8), "z": torch.zeros(2, 6)}, "this model needs"),
+    ({"pending": torch.tensor([5000])}, "outside the vocabulary"),
+])
+def test_a_state_that_does_not_fit_the_model_is_refused(model, tmp_path, change, match):
+    state = MemoryState.load(_tampered(model, tmp_path, **change), fingerprint=model.fingerprint)
+    for use in (lambda: model.ingest(state, [1]), lambda: model.generate(state, [1])):
+        with pytest.raises(ValueError, match=match):
+            use()
 
 
 @pytest.mark.parametrize("bad,match", [

@@ -227,7 +227,11 @@ class Trainer:
         if not path.is_file():
             return False
         blob = torch.load(path, weights_only=False)
-        self.model.load_state_dict(blob["model"])
+        self._check_same_run(blob.get("config", {}))
+        try:
+            self.model.load_state_dict(blob["model"])
+        except RuntimeError as e:  # size mismatches: another model shape
+            raise ValueError(f"{path} holds a model of another shape than this run's: {str(e)[:300]}") from None
         if self.probe is not None and blob["probe"] is not None:
             self.probe.load_state_dict(blob["probe"])
         self.opt.load_state_dict(blob["opt"])
@@ -238,6 +242,16 @@ class Trainer:
             self.streams.load_state_dict(blob["streams"])
         self.window = deque((tuple(x) for x in self.state.window), maxlen=20)
         return True
+
+    def _check_same_run(self, saved: dict) -> None:
+        """A checkpoint continues the run that wrote it: only the time and step budgets may change on resume."""
+        now, saved = json.loads(json.dumps(asdict(self.cfg))), json.loads(json.dumps(saved))  # tuples == lists
+        budget = {"minutes", "max_steps", "checkpoint_every"}
+        changed = sorted(k for k in now.keys() - budget if k in saved and saved[k] != now[k])
+        if changed:
+            diff = ", ".join(f"{k} {saved[k]!r} -> {now[k]!r}" for k in changed[:6])
+            raise ValueError(f"the checkpoint in {self.out / 'checkpoint'} is of another run ({diff}); resume with "
+                             "its options, or train into another --out")
 
     # ------------------------------------------------------------------ loop
     def run(self, log, progress=None) -> None:
