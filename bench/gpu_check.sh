@@ -23,7 +23,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
     fi
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-    timeout 120 "$PY" -m pytest -q -p no:cacheprovider -o addopts="" tests/test_diagonal.py -k cuda
+    timeout 120 "$PY" -m pytest -q -p no:cacheprovider -o addopts="" tests/test_diagonal.py tests/test_training.py -k cuda
     timeout 290 "$PY" -m bench.gpu_runs llama-1b "$OUT"  # the runs' settings: bench/gpu_runs.py
     timeout 110 "$PY" -m bench.gpu_runs small "$OUT"
 } 2>&1 | tee "$OUT/gpu.log"

@@ -115,11 +115,15 @@ def load_into(model: ArmtModel, base_sd: dict, assoc: dict) -> None:
 
 
 def weights_digest(model: ArmtModel) -> str:
-    """Cheap digest of the weights: names, shapes and a strided sample of values (not a full hash)."""
+    """Cheap digest of the weights: names, shapes and a strided sample of values (not a full hash).
+
+    The values are taken at bfloat16 precision, so that the same checkpoint loaded in fp32 or bf16 (or cast after
+    loading) names the same model: states stay usable across ARMT_DTYPE (the memory itself is always fp32).
+    """
     h = hashlib.sha256()
     for name, p in sorted(model.state_dict().items()):
         flat = p.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 64)].float().cpu()
+        sample = flat[:: max(1, flat.numel() // 64)].to(torch.bfloat16).float().cpu()
         h.update(f"{name}{tuple(p.shape)}".encode())
         h.update(sample.numpy().tobytes())
     return h.hexdigest()[:16]
@@ -199,7 +203,9 @@ def create(base_config, armt: ArmtConfig, dtype: torch.dtype = torch.float32, se
 
 
 def save_pretrained(model: ArmtModel, path: str | Path) -> None:
-    """Write the project format; loading it back gives the same model (and the same fingerprint)."""
+    """Write the project format; loading it back gives the same model (and the same fingerprint: the weights may
+    have changed in place since the model was built, by training, so the fingerprint is taken again here)."""
+    model.fingerprint = fingerprint(model.base.config.to_dict(), model.config, weights_digest(model))
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
     model.base.config.save_pretrained(str(directory))

@@ -63,7 +63,7 @@ def train(
     params = sum(p.numel() for p in model.parameters())
     typer.echo(f"training {params:,} parameters on {task}, stages {cfg.stages}, {minutes} min budget -> {out}")
     with _progress_bar(trainer, minutes) as progress:
-        trainer.run(write_log(out / "train_log.jsonl"), progress)
+        trainer.run(write_log(out / "train_log.jsonl", trainer.state.step if resume else None), progress)
     _save(model, trainer, out, export)
 
 

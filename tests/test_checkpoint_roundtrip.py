@@ -73,3 +73,27 @@ def test_armt_config_errors_name_the_numbers(tmp_path):
     cfg = tiny_config("gpt2")
     with pytest.raises(ValueError, match="needs 132 positions.*n_positions=128"):
         ArmtModel.from_config(cfg, ArmtConfig(num_mem_tokens=4, d_mem=2, segment_size=128))
+
+
+def test_the_fingerprint_does_not_depend_on_the_load_dtype(tmp_path):
+    """A service restarted with another ARMT_DTYPE keeps its sessions: the same weights name the same model."""
+    from model import ArmtModel, default_model_path
+
+    fp32 = ArmtModel.from_pretrained(default_model_path())
+    bf16 = ArmtModel.from_pretrained(default_model_path(), dtype=torch.bfloat16)
+    assert fp32.fingerprint == bf16.fingerprint
+
+
+def test_a_model_changed_in_place_and_saved_keeps_the_fingerprint_of_its_files(tmp_path):
+    """Training changes weights in place; the saved copy and the model in memory must name the same model, so
+    that states written by one are accepted by the other."""
+    from model import ArmtModel, default_model_path
+
+    model = ArmtModel.from_pretrained(default_model_path())
+    with torch.no_grad():
+        model.W_mv.add_(0.01)
+    model.save_pretrained(tmp_path / "tuned")
+    state = model.ingest(model.new_state(), list(range(100)))
+    reloaded = ArmtModel.from_pretrained(tmp_path / "tuned")
+    assert reloaded.fingerprint == model.fingerprint
+    reloaded.ingest(state, [1, 2])  # accepted

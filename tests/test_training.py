@@ -1,6 +1,7 @@
 """Trainer: exact resume, checkpoints loadable by the engine, evaluation plumbing (tiny model, a few steps)."""
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -130,3 +131,27 @@ def test_init_from_a_plain_hf_directory_keeps_its_weights_and_adds_fresh_memory(
         torch.testing.assert_close(model.base.hf.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
     assert model.config.segment_size == 32 and model.tokenizer is not None
     assert not model.W_mv.any()  # the research initialisation: the memory starts silent
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (bench/gpu_check.sh runs it when a GPU is lent)")
+def test_training_steps_on_cuda(tokenizer, tmp_path):
+    """Batches are built on the CPU; the trainer must move them to a CUDA model (and the probe with it)."""
+    trainer = Trainer(tiny(tokenizer).to("cuda"), Codec(tokenizer), config(max_steps=2), tmp_path)
+    trainer.state.stage_index = 1
+    trainer.run(lambda row: None)
+    assert trainer.state.step == 2
+
+
+def test_a_resumed_run_logs_each_step_once(tmp_path):
+    """The run continues from its last checkpoint: rows logged after it (before a crash) would come twice."""
+    from model.training import write_log
+
+    path = tmp_path / "train_log.jsonl"
+    log = write_log(path)
+    for step in range(1, 6):
+        log({"step": step, "loss": 1.0})
+    log = write_log(path, after_step=3)  # resumed from the checkpoint of step 3
+    for step in (4, 5, 6):
+        log({"step": step, "loss": 0.5})
+    steps = [json.loads(row)["step"] for row in path.read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]

@@ -29,6 +29,11 @@ class Batch:
     def tokens(self) -> int:
         return self.ids.numel()
 
+    def to(self, device) -> "Batch":
+        """The batch's tensors on `device` (batches are built on the CPU; a CUDA model reads them there)."""
+        moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()}
+        return Batch(**moved)
+
 
 def collate(samples: list[Sample], pad: int, with_probe: bool) -> Batch:
     """Pad at the end (after every answer, so pads are never attended to by a scored position)."""

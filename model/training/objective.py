@@ -72,6 +72,7 @@ def losses(model, probe: Probe | None, batch: Batch, use_probe: bool, grad_segme
     The model reads `batch.inputs` where given (masked targets), else the ids themselves (teacher forcing);
     grad_segments, memory: see hidden_states; out["memory"] is the memory after the batch, detached.
     """
+    batch = batch.to(model.device)
     ids = batch.ids
     act = ActRun.for_model(model.config, ponder=True)
     reads = batch.inputs if batch.inputs is not None else ids
@@ -83,7 +84,7 @@ def losses(model, probe: Probe | None, batch: Batch, use_probe: bool, grad_segme
     targets = ids.reshape(-1)[batch.answer_pos]  # [N]
     out = {"answer": F.cross_entropy(logits.float(), targets), "memory": (A.detach(), z.detach(), first)}
     hit = (logits.argmax(-1) == targets).float()  # [N]
-    wrong = torch.zeros(batch.n_questions).index_add_(0, batch.answer_question, 1 - hit)  # [Q]
+    wrong = torch.zeros(batch.n_questions, device=hit.device).index_add_(0, batch.answer_question, 1 - hit)  # [Q]
     out["correct"] = int((wrong == 0).sum())
     out["questions"] = batch.n_questions
     out["cells_correct"], out["cells"] = int(hit.sum()), int(hit.numel())
