@@ -107,11 +107,22 @@ def load_into(model: ArmtModel, base_sd: dict, assoc: dict) -> None:
         embedding = next(n for n, p in hf.named_parameters() if p is hf.get_input_embeddings().weight)
         if embedding not in base_sd and "lm_head.weight" in base_sd:
             base_sd = {**base_sd, embedding: base_sd["lm_head.weight"]}
+        head = base_sd.get("lm_head.weight")
+        if head is not None and embedding in base_sd and not torch.equal(head, base_sd[embedding]):
+            _untie(hf)  # a LoRA merged into the head (or the embedding) alone: PEFT ran them as two matrices
+            tied, optional = False, ()
     _copy_checked(dict(hf.state_dict(keep_vars=True)), base_sd, "base weights", optional)
     if tied:
         hf.tie_weights()
     params = {n: p for n in ASSOC_NAMES if (p := getattr(model, n)) is not None}
     _copy_checked(params, assoc, "memory weights")
+
+
+def _untie(hf) -> None:
+    """Give the output head a weight of its own (the config says so too, so that saving keeps both)."""
+    hf.config.tie_word_embeddings = False
+    head = hf.get_output_embeddings()
+    head.weight = torch.nn.Parameter(head.weight.detach().clone())
 
 
 def weights_digest(model: ArmtModel) -> str:

@@ -252,3 +252,29 @@ def test_checkpoint_saved_without_shared_tensors(kind, tmp_path, version):
     ids = _ids(35)
     assert_close(ArmtModel.from_pretrained(directory).forward_long(ids)[0], ref.forward_long(ids),
                  atol=1e-5, rtol=1e-5)
+
+
+def test_lora_on_the_head_of_a_tied_model_unties_it(tmp_path):
+    """PEFT runs a LoRA on lm_head of a tied base (Llama-3.2-1B is tied) as head = W + BA while the embedding stays
+    W: merged, the two are different matrices, and one shared tensor would change the embedding too."""
+    ref = build_reference("llama", tie_word_embeddings=True)
+    hf = ref.memory_cell.model
+    assert hf.lm_head.weight is hf.model.embed_tokens.weight
+    directory = write_official(ref, tmp_path)
+    state = torch.load(directory / "pytorch_model.bin", weights_only=True)
+    g = torch.Generator().manual_seed(5)
+    A, B = torch.randn(4, 32, generator=g) * 0.1, torch.randn(VOCAB, 4, generator=g) * 0.1
+    head = "memory_cell.model.lm_head"
+    state[f"{head}.base_layer.weight"] = state.pop(f"{head}.weight")
+    state[f"{head}.lora_A.default.weight"], state[f"{head}.lora_B.default.weight"] = A, B
+    torch.save(state, directory / "pytorch_model.bin")
+    (directory / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 8.0}))
+    model = ArmtModel.from_pretrained(directory)
+    with torch.no_grad():  # the reference as PEFT runs it: its own head, the embedding unchanged
+        hf.lm_head.weight = torch.nn.Parameter(hf.model.embed_tokens.weight + 2.0 * B @ A)
+    assert not model.base.hf.config.tie_word_embeddings
+    ids = _ids(33)
+    assert_close(model.forward_long(ids)[0], ref.forward_long(ids), atol=1e-5, rtol=1e-5)
+    model.save_pretrained(tmp_path / "saved")  # and it stays untied through the project format
+    assert_close(ArmtModel.from_pretrained(tmp_path / "saved").forward_long(ids)[0], ref.forward_long(ids),
+                 atol=1e-5, rtol=1e-5)
