@@ -62,6 +62,9 @@ class Settings(BaseSettings):
     default_max_new_tokens: int = Field(64, ge=1)
     max_question_chars: int = Field(16_384, ge=1)
     max_queue: int = Field(64, ge=1)
+    # Places of the engine queue one tenant may hold at once; 0: half the queue when ARMT_API_KEYS names two or more
+    # tenants (so that one cannot lock the others out, with slow uploads say), else no share.
+    max_queue_per_tenant: int = Field(0, ge=0)
     max_batch_sessions: int = Field(16, ge=1)
     ingest_unit_segments: int = Field(16, ge=1)
     retry_after_seconds: int = Field(1, ge=0)
@@ -125,4 +128,6 @@ class Settings(BaseSettings):
             max_batch_sessions=self.max_batch_sessions, unit_segments=self.ingest_unit_segments,
             retry_after_seconds=float(self.retry_after_seconds), state_cache_size=self.state_cache_size,
             fault_delay_save_s=self.fault_delay_save_s, torch_threads=self.torch_threads,
+            max_queue_per_tenant=self.max_queue_per_tenant or (
+                max(1, self.max_queue // 2) if len(set(self.tenants().values())) > 1 else None),
         )

@@ -2,6 +2,7 @@
 (also under concurrent writers), delete, TTL, and the disk store's same contract for versions."""
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
@@ -190,7 +191,7 @@ def test_store_settings_are_checked():
 
     with pytest.raises(ValidationError, match="ARMT_STORE must be 'disk' or a redis://"):
         Settings(store="mysql://db/1")
-    with pytest.raises(ValidationError, match="got 'Redis://h:6379/0'") as info:  # a typo: no password echoed
+    with pytest.raises(ValidationError, match=r"got 'Redis://\*\*\*@h:6379/0'") as info:  # a typo: no password
         Settings(store="Redis://:hunter2@h:6379/0")
     assert "hunter2" not in str(info.value)
     with pytest.raises(ValidationError, match="ARMT_STORE_TTL_S applies to a Redis store"):
@@ -253,6 +254,39 @@ def test_a_hung_redis_leaves_ready_and_metrics_answering_in_seconds(tiny_model_d
 def test_store_urls_are_redacted_for_logs():
     from service.core.config import redact_url
 
-    assert redact_url("redis://:hunter2@10.0.0.5:6379/0") == "redis://10.0.0.5:6379/0"
-    assert redact_url("rediss://user:pw@h:1/2?ssl_cert_reqs=none") == "rediss://h:1/2?ssl_cert_reqs=none"
+    assert redact_url("redis://:hunter2@10.0.0.5:6379/0") == "redis://***@10.0.0.5:6379/0"
+    assert redact_url("rediss://user:pw@h:1/2?ssl_cert_reqs=none") == "rediss://***@h:1/2?ssl_cert_reqs=none"
+    assert redact_url("redis://:Sup3r/S3cret?#pw@h:6379/0") == "redis://***@h:6379/0"  # / ? # in a password
+    assert redact_url("rediss//:Sup3rS3cret@h:6379/0") == "***@h:6379/0"  # a mistyped scheme
     assert redact_url("unix:///run/redis.sock?password=hunter2&db=3") == "unix:///run/redis.sock?password=***&db=3"
+
+
+def test_a_store_url_that_cannot_be_opened_keeps_its_password_out_of_health(tiny_model_dir, tmp_path, caplog):
+    """A password with a '/' breaks URL parsing ("Port could not be cast ... 'Sup3r'"): that text must not reach the
+    open /health, 503 bodies or the log."""
+    from fastapi.testclient import TestClient
+
+    from service.http.app import create_app
+    from service.settings import Settings
+
+    url = "redis://:Sup3r/S3cretRedisPW@127.0.0.1:16391/0"
+    with TestClient(create_app(Settings(model=tiny_model_dir, store=url, data_dir=tmp_path))) as c, \
+            caplog.at_level(logging.DEBUG):
+        for _ in range(600):
+            health = c.get("/health")
+            if health.json().get("status") == "failed":
+                break
+            time.sleep(0.05)
+        assert health.json()["status"] == "failed" and "session store" in health.json()["error"]
+        assert "cannot open the session store redis://***@127.0.0.1:16391/0" in caplog.text
+        for text in (health.text, c.post("/v1/sessions").text, caplog.text):
+            assert "Sup3r" not in text and "S3cret" not in text
+
+
+def test_the_queue_share_per_tenant_is_half_the_queue_with_several_tenants():
+    from service.settings import Settings
+
+    assert Settings(max_queue=10).to_core().max_queue_per_tenant is None  # no keys: one tenant
+    assert Settings(max_queue=10, api_keys="k1=a,k2=a").to_core().max_queue_per_tenant is None
+    assert Settings(max_queue=10, api_keys="k1=a,k2=b").to_core().max_queue_per_tenant == 5
+    assert Settings(max_queue=10, max_queue_per_tenant=3).to_core().max_queue_per_tenant == 3

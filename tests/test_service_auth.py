@@ -59,6 +59,14 @@ def test_v1_routes_are_401_without_a_valid_key(c, method, path, headers):
     assert r.headers["www-authenticate"].startswith("Bearer")
 
 
+@pytest.mark.parametrize("path", ["/v1/sessions/" + "a" * 32 + "/ask", "/v1/chat/completions"])
+def test_no_key_is_a_401_before_the_body_is_read(c, path):
+    """Without a key the server neither reads nor parses a body: malformed JSON still gets the 401, not a 400."""
+    r = c.post(path, content=b"{not json" + b" " * 500_000, headers={"Content-Type": "application/json"})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
+    assert r.headers["www-authenticate"].startswith("Bearer")
+
+
 def test_ops_routes_stay_open(c):
     assert c.get("/health").status_code == 200
     assert c.get("/ready").status_code == 200

@@ -76,6 +76,23 @@ def test_a_reservation_holds_one_place_for_all_of_its_jobs():
         s.submit(IngestJob(None, [9], reserved=True))
 
 
+def test_one_tenant_holds_at_most_its_share_of_the_queue():
+    """Slow uploads or long questions of one API key must not lock the others out."""
+    s = Scheduler(max_queue=4, max_per_tenant=2)
+    with s.reservation("a"):
+        s.submit(GenerateJob(None, [1], 4, 0.0, 1.0, None, lambda t: True, lambda r, e: None, tenant="a"))
+        with pytest.raises(Overloaded, match="share"):
+            s.reservation("a").__enter__()
+        with pytest.raises(Overloaded, match="share"):
+            s.check_room("a")
+        s.check_room("b")
+        s.submit(IngestJob(None, [1], tenant="b"))
+        s.submit(IngestJob(None, [2]))  # no tenant (tools, tests): only the whole queue's limit
+        with pytest.raises(Overloaded, match="queue is full"):
+            s.check_room("c")
+    s.check_room("a")
+
+
 def meta(session_id: str = "a" * 32, **kw) -> SessionMeta:
     return SessionMeta(id=session_id, tenant="t", model="fp", created_at=1.0, updated_at=2.0, **{"version": 1, **kw})
 

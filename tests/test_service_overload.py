@@ -19,7 +19,7 @@ BURST = 30
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
     srv = Server(tiny_model_dir, tmp_path_factory.mktemp("overload-data"), ARMT_MAX_QUEUE="2",
-                 ARMT_RETRY_AFTER_SECONDS="3", ARMT_MAX_NEW_TOKENS_LIMIT="4000").start()
+                 ARMT_RETRY_AFTER_SECONDS="3", ARMT_MAX_NEW_TOKENS_LIMIT="4000", ARMT_APPEND_CHUNK_BYTES="1024").start()
     yield srv
     srv.stop()
     assert "Traceback" not in srv.log.read_text(errors="replace"), srv.log_tail()
@@ -92,16 +92,17 @@ def headers_only_append(port: int, sid: str) -> tuple[int, bytes]:
 
 
 def test_an_admitted_append_keeps_its_place_until_its_body_ends(server):
-    """An append holds one queue place from its headers to its answer: while its body is still arriving a full
-    queue refuses others, never the append's next chunk (which would throw away what it already wrote)."""
+    """An append holds one queue place from its first whole chunk (1024 bytes here) to its answer: while the rest of
+    its body is arriving a full queue refuses others, never the append's next chunk (which would throw away what it
+    already wrote)."""
     sid, asker = (httpx.post(f"{server.url}/v1/sessions").json()["id"] for _ in range(2))
-    body = b"Mary went to the garden. " * 40
+    body = b"Mary went to the garden. " * 100
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
         s.sendall(f"POST /v1/sessions/{sid}/append?offset=0 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
                   f"Content-Type: text/plain; charset=utf-8\r\nContent-Length: {len(body)}\r\n\r\n".encode())
-        s.sendall(body[:100])
+        s.sendall(body[:1100])
         statuses = asyncio.run(asks_beside_one_long_question(server.url, asker))
-        s.sendall(body[100:])
+        s.sendall(body[1100:])
         data = b""
         while chunk := s.recv(65536):
             data += chunk

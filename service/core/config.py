@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl
 
 
 @dataclass(frozen=True)
@@ -27,13 +27,17 @@ class CoreConfig:
     state_cache_size: int  # memory states kept in RAM (the rest are read from the store on use)
     torch_threads: int = 0  # torch CPU threads for the engine; 0: all cores but one (at least one)
     fault_delay_save_s: float = 0.0  # test-only: sleep between a session file's temp write and its rename
+    max_queue_per_tenant: int | None = None  # places one tenant may hold (None: no share, one tenant or no keys)
 
 
 def redact_url(url: str) -> str:
     """A store URL fit for logs and error messages: no user info (redis://:password@host), no password= query."""
-    if "://" not in url:
+    if "@" in url:  # user info ends at the last @, whatever it holds (a password may contain / ? # or :)
+        head, tail = url.rsplit("@", 1)
+        scheme = head.split("://", 1)[0] + "://" if "://" in head else ""
+        url = f"{scheme}***@{tail}"
+    if "?" not in url:
         return url
-    scheme, rest = url.split("://", 1)  # the scheme as typed (an error message may be about it)
-    parts = urlsplit("x://" + rest)
-    query = "&".join(f"{k}=***" if k.lower() == "password" else f"{k}={v}" for k, v in parse_qsl(parts.query))
-    return f"{scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}" + (f"?{query}" if query else "")
+    base, query = url.split("?", 1)
+    pairs = "&".join(f"{k}=***" if k.lower() == "password" else f"{k}={v}" for k, v in parse_qsl(query))
+    return f"{base}?{pairs}"

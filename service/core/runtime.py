@@ -12,7 +12,7 @@ import threading
 import time
 
 from .config import CoreConfig, redact_url
-from .errors import NotReady
+from .errors import NotReady, StoreError
 from .scheduler import Scheduler
 from .sessions import SessionService
 from .stats import ServiceStats
@@ -55,8 +55,15 @@ class Runtime:
         try:
             start = time.perf_counter()
             model = load_model(self.cfg)
-            store = open_store(self.cfg)
-            scheduler = Scheduler(self.cfg.max_queue, self.cfg.max_batch_sessions, self.cfg.retry_after_seconds)
+            try:
+                store = open_store(self.cfg)
+            except Exception as e:  # its text may quote pieces of the URL (a password): never shown, nor logged
+                log.error("cannot open the session store %s (%s): check the URL's syntax; a password holding / ? # "
+                          "or @ must be percent-encoded", redact_url(self.cfg.store), type(e).__name__)
+                raise StoreError(f"cannot open the session store {redact_url(self.cfg.store)} (see the server "
+                                 "log)") from None
+            scheduler = Scheduler(self.cfg.max_queue, self.cfg.max_batch_sessions, self.cfg.retry_after_seconds,
+                                  self.cfg.max_queue_per_tenant)
             worker = EngineWorker(model, scheduler, self.stats, self.cfg.executor, self.cfg.unit_segments)
             sessions = SessionService(model, store, scheduler, self.stats, self.cfg)
             worker.start()

@@ -11,6 +11,7 @@ appends share one diagonal pipeline.
 """
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import threading
 import time
@@ -31,6 +32,7 @@ class IngestJob:
     cursor: int = 0  # ids already written
     started: bool = False
     reserved: bool = False  # submitted under a Reservation, whose place in the queue it uses
+    tenant: str = ""  # whose (the per-tenant share of the queue; "" counts for no one)
 
     @property
     def cancelled(self) -> bool:
@@ -51,6 +53,7 @@ class GenerateJob:
     on_done: Callable[[str | None, BaseException | None], None]
     max_hop: int | None = None  # ACT models: hop limit for this answer
     act_stats: object = None  # ACT models: a model.act.ActStats the engine fills
+    tenant: str = ""  # whose (the per-tenant share of the queue)
     cancel: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
     started: bool = False
@@ -73,49 +76,60 @@ class Work:
 class Scheduler:
     """Thread-safe: submitted from the event loop, consumed by the worker thread."""
 
-    def __init__(self, max_queue: int = 64, max_batch: int = 16, retry_after: float = 1.0) -> None:
+    def __init__(self, max_queue: int = 64, max_batch: int = 16, retry_after: float = 1.0,
+                 max_per_tenant: int | None = None) -> None:
         self.max_queue, self.max_batch, self.retry_after = max_queue, max_batch, retry_after
+        self.max_per_tenant = max_per_tenant  # places one tenant may hold (None: no limit)
         self._cv = threading.Condition()
         self._ingests: list[IngestJob] = []
         self._decodes: list[GenerateJob] = []
-        self._reserved = 0  # places held by Reservations
+        self._reserved: collections.Counter[str] = collections.Counter()  # tenant -> places held by reservations
         self._closed = False
 
     def submit(self, job: IngestJob | GenerateJob) -> None:
         """Admit a job, or raise Overloaded; an IngestJob marked `reserved` takes its Reservation's place."""
         with self._cv:
             if self._closed or not getattr(job, "reserved", False):
-                self._check_room()
+                self._check_room(job.tenant)
             (self._ingests if isinstance(job, IngestJob) else self._decodes).append(job)
             self._cv.notify_all()
 
     @contextmanager
-    def reservation(self) -> Iterator[None]:
+    def reservation(self, tenant: str = "") -> Iterator[None]:
         """One place in the queue for the whole of a request that submits several jobs in turn (an append: one
         ingest job per chunk of its body, read as it arrives). Refused at once like a job; once admitted, its
         reserved jobs are never refused for room, so an append is not cut off with a 429 halfway through its
         body, after part of it was written into the memory."""
         with self._cv:
-            self._check_room()
-            self._reserved += 1
+            self._check_room(tenant)
+            self._reserved[tenant] += 1
         try:
             yield
         finally:
             with self._cv:
-                self._reserved -= 1
+                self._reserved[tenant] -= 1
 
-    def check_room(self) -> None:
+    def check_room(self, tenant: str = "") -> None:
         """Overloaded now if a job would be refused, so that a request fails fast, before it reads its body,
         loads a state or tokenizes: under overload the refusals must stay cheap, or they take the CPU (and the
         GIL) from the engine. `submit` checks again (the room can be gone in between)."""
         with self._cv:
-            self._check_room()
+            self._check_room(tenant)
 
-    def _check_room(self) -> None:
+    def _held(self, tenant: str | None = None) -> int:
+        """Places held (by `tenant`, or by everyone): reservations, and jobs not in a reservation's place."""
+        jobs = [job for job in self._ingests if not job.reserved] + self._decodes
+        if tenant is None:
+            return sum(self._reserved.values()) + len(jobs)
+        return self._reserved[tenant] + sum(job.tenant == tenant for job in jobs)
+
+    def _check_room(self, tenant: str = "") -> None:
         if self._closed:
             raise Overloaded("the engine is shutting down", self.retry_after)
-        held = self._reserved + sum(not job.reserved for job in self._ingests) + len(self._decodes)
-        if held >= self.max_queue:
+        if tenant and self.max_per_tenant is not None and self._held(tenant) >= self.max_per_tenant:
+            raise Overloaded(f"this API key's requests hold {self.max_per_tenant} places of the engine queue, its "
+                             "share; retry when one ends", self.retry_after)
+        if self._held() >= self.max_queue:
             raise Overloaded(f"the engine queue is full ({self.max_queue} requests); retry later", self.retry_after)
 
     def next_work(self, timeout: float) -> Work | None:
@@ -153,7 +167,7 @@ class Scheduler:
         """Admitted work the worker has not started yet (armt_queue_depth): jobs, and appends admitted whose body
         is still arriving (a reservation with no job queued), which hold a place in the queue all the same."""
         with self._cv:
-            between_jobs = self._reserved - sum(job.reserved for job in self._ingests)
+            between_jobs = sum(self._reserved.values()) - sum(job.reserved for job in self._ingests)
             return (sum(not j.started for j in self._ingests) + sum(not j.started for j in self._decodes)
                     + max(0, between_jobs))
 

@@ -9,6 +9,8 @@ through the scheduler to the engine worker thread; store I/O runs in threads. No
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import hashlib
 import re
 import secrets
@@ -122,9 +124,12 @@ class SessionService:
         return AppendResult(meta.offset, last.tokens, last.segments)
 
     async def _ingest_body(self, meta: SessionMeta, state, body: AsyncIterable[bytes]) -> AppendResult:
-        # one queue place for the whole body, taken before reading it (a retry, answered from the metadata, needs
-        # none): refused at once, or never halfway
-        with self.scheduler.reservation():
+        # A full queue refuses before the body is read (a retry, answered from the metadata, needs no room). One
+        # place is then held from the body's first whole chunk to its end, so the append is never refused halfway,
+        # after part of it went into the memory; a client trickling its first chunk holds no place meanwhile.
+        self.scheduler.check_room(meta.tenant)
+        with contextlib.ExitStack() as place:
+            take_place = functools.cache(lambda: place.enter_context(self.scheduler.reservation(meta.tenant)))
             decoder, text = Utf8Stream(meta.partial, meta.offset), ReadyText(meta.held)
             sha, n, buf = hashlib.sha256(), 0, bytearray()
             async for chunk in body:
@@ -134,10 +139,12 @@ class SessionService:
                 sha.update(chunk)
                 buf += chunk
                 if len(buf) >= self.cfg.append_chunk_bytes:  # never more than one chunk of the body in memory
+                    take_place()  # the first time only (Overloaded if no place is left: nothing written yet)
                     state = await self._ingest_bytes(state, decoder, text, bytes(buf))
                     buf.clear()
             if not n:
                 return AppendResult(meta.offset, meta.tokens, meta.segments)
+            take_place()
             state = await self._ingest_bytes(state, decoder, text, bytes(buf))
         last = LastAppend(meta.offset, n, sha.hexdigest(), state.tokens, state.segments)
         meta = meta.evolve(offset=meta.offset + n, held=text.held, partial=decoder.partial, last_append=last,
@@ -170,13 +177,14 @@ class SessionService:
     async def ask(self, tenant: str, session_id: str, params: AskParams) -> AsyncIterator[TextDelta | AnswerDone]:
         """Submit a question; returns its event stream. Overload and lookup errors raise here, before any event."""
         self._check_params(params)
-        self.scheduler.check_room()
+        self.scheduler.check_room(tenant)
         meta, state = await self._snapshot(tenant, session_id)
         # The question follows the document's last word after one space, as in the training data: trailing
         # whitespace of the document (a final newline, say) is not part of the prompt.
         text = meta.held.rstrip() + question_text(params.question)
         prompt = self.tokenizer.encode(text, add_special_tokens=False).ids
         run = AnswerRun(self.tokenizer, state, prompt, params, asyncio.get_running_loop(), self.model.config.act)
+        run.job.tenant = tenant
         self.scheduler.submit(run.job)
         return run.events()
 

@@ -14,7 +14,8 @@ from types import SimpleNamespace
 
 from starlette.requests import Request
 
-from service.core.errors import Overloaded
+from service.core.errors import Overloaded, Unauthorized
+from service.http.deps import tenant_of
 from service.http.errors import error_response
 
 ENGINE_ROUTES = re.compile(r"^/v1/(sessions/[^/]+/(ask|append)|chat/completions)$")
@@ -37,5 +38,29 @@ class AdmissionGate:
                 scope["route"] = SimpleNamespace(path=TEMPLATES[match.group(2)])
                 response = error_response(Request(scope), 429, exc.code, exc.message,
                                           {"Retry-After": str(max(1, round(exc.retry_after)))})
+                return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+class KeyGate:
+    """401 for a /v1 request without a valid key before its body is read or parsed: a client without a key must
+    not make the server read (up to a megabyte) and parse JSON for it. The routes check the key again (`Tenant`),
+    which is also what names the tenant."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        keys = scope["app"].state.tenants if scope["type"] == "http" else None
+        if keys and scope["path"].startswith("/v1/"):
+            header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            scheme, _, token = header.strip().partition(" ")
+            try:
+                if scheme.lower() != "bearer":
+                    raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
+                tenant_of(keys, token)
+            except Unauthorized as exc:
+                response = error_response(Request(scope), 401, exc.code, exc.message,
+                                          {"WWW-Authenticate": 'Bearer realm="armt"'})
                 return await response(scope, receive, send)
         return await self.app(scope, receive, send)

@@ -9,7 +9,7 @@ from fastapi import FastAPI
 
 from service.core.runtime import Runtime
 from service.http import errors, openapi
-from service.http.admission import AdmissionGate
+from service.http.admission import AdmissionGate, KeyGate
 from service.http.limits import BodyLimits
 from service.http.metrics import HttpMetrics, build_registry, package_version
 from service.http.routes import ask, openai, ops, sessions
@@ -42,6 +42,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (sessions, ask, openai, ops):
         app.include_router(module.router)
     app.add_middleware(BodyLimits, max_json_bytes=settings.max_json_bytes, body_timeout=settings.body_timeout_seconds)
+    app.add_middleware(KeyGate)  # inside the admission gate: a full queue still answers 429 first
     app.add_middleware(AdmissionGate)
     app.add_middleware(HttpMetrics, registry=app.state.registry)
     openapi.install(app, settings)

@@ -32,11 +32,16 @@ async def current_tenant(request: Request,
     keys: dict[str, str] = request.app.state.tenants
     if not keys:
         return OPEN_TENANT
-    token = credentials.credentials.strip() if credentials is not None else ""
+    return tenant_of(keys, credentials.credentials if credentials is not None else "")
+
+
+def tenant_of(keys: dict[str, str], token: str) -> str:
+    """The tenant of a bearer token, or Unauthorized; compared with every key, in constant time per key."""
+    token = token.strip()
     if not token:
         raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
     tenant = None
-    for key, owner in keys.items():  # compare with every key, in constant time per key
+    for key, owner in keys.items():
         if hmac.compare_digest(key.encode(), token.encode()):
             tenant = owner
     if tenant is None:

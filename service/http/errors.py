@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service.core import errors as e
 
 log = logging.getLogger("armt.http")
+MAX_DETAILS = 20  # validation errors listed in a 422 body
 
 STATUS: dict[type[e.ArmtServiceError], int] = {
     e.InvalidRequest: 422,
@@ -80,9 +81,10 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
         return error_response(request, 415, "unsupported_media_type",
                               "this route takes a JSON body: send it with Content-Type: application/json")
     details = [{"location": ".".join(str(p) for p in err.get("loc", ())), "message": err.get("msg", "")}
-               for err in errors]
+               for err in errors[:MAX_DETAILS]]  # a body with 70,000 bad items must not get a 70,000-item answer
     summary = "; ".join(f"{d['location']}: {d['message']}" for d in details[:3])
-    return error_response(request, 422, "invalid_request", summary or "invalid request", details=details)
+    more = {"more_errors": len(errors) - MAX_DETAILS} if len(errors) > MAX_DETAILS else {}
+    return error_response(request, 422, "invalid_request", summary or "invalid request", details=details, **more)
 
 
 def _not_json(request: Request) -> bool:

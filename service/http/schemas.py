@@ -126,7 +126,7 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
 
     role: str
-    content: str | list[ContentPart] | None = None
+    content: str | Annotated[list[ContentPart], Field(max_length=1024)] | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -146,7 +146,7 @@ class ChatIn(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
 
     session_id: str = Field(pattern=r"^[0-9a-f]{32}$")
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=1024)
     model: str | None = None
     max_tokens: TokenLimit | None = None
     max_completion_tokens: TokenLimit | None = None
