@@ -35,6 +35,10 @@ class MemoryState:
     segments: int = 0  # segments written into memory
     tokens_written: int = 0  # tokens of those segments
 
+    def __repr__(self) -> str:  # the tensors' values would flood a terminal
+        return (f"MemoryState(A {tuple(self.A.shape)}, z {tuple(self.z.shape)}, {self.segments} segments, "
+                f"{self.tokens_written} tokens written, {len(self.pending)} pending, model {self.fingerprint})")
+
     @property
     def tokens(self) -> int:
         """Every token this state was given: written into memory plus pending."""

@@ -48,7 +48,29 @@ def serve(host: str = typer.Option(None, help="default ARMT_HOST or 127.0.0.1"),
         raise typer.Exit(2) from None
     if settings.model_dir() == DEMO_MODEL_DIR:
         ensure_demo_model(DEMO_MODEL_DIR)
+    _preflight(settings)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
+
+
+def _preflight(settings) -> None:
+    """Mistakes that would leave a started server answering 503 forever (the model loads in the background, and a
+    failed load keeps the process up for /health to say why) end `armt serve` at once instead, with exit code 2."""
+    from model.config import is_armt_directory
+    from service.core.errors import StoreError
+    from service.core.store import lock_data_directory
+
+    directory = settings.model_dir()
+    if not is_armt_directory(directory):
+        typer.echo(f"error: {directory} is not an ARMT model directory (no armt_config.json, nor an HF "
+                   "ARMTForCausalLM config.json); set --model or ARMT_MODEL", err=True)
+        raise typer.Exit(2)
+    if settings.store == "disk":
+        try:
+            settings.data_dir.mkdir(parents=True, exist_ok=True)
+            lock_data_directory(settings.data_dir).close()  # the server takes it again as it starts
+        except StoreError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
 
 
 def _client(url: str, api_key: str | None):
@@ -57,8 +79,18 @@ def _client(url: str, api_key: str | None):
     return ArmtClient(url, api_key=api_key)
 
 
-def _fail(error: Exception) -> None:
-    typer.echo(f"error: {error}", err=True)
+def _fail(error: Exception, url: str = "") -> None:
+    """The error, and what to do about the usual ones."""
+    import httpx
+
+    from service.client import ArmtHTTPError
+
+    hint = ""
+    if isinstance(error, httpx.ConnectError):
+        hint = f" (no server at {url}? start one with `armt serve`, or point --url / ARMT_URL at it)"
+    elif isinstance(error, ArmtHTTPError) and error.status == 413:
+        hint = " (this server takes smaller appends: pass a smaller --chunk-bytes)"
+    typer.echo(f"error: {error}{hint}", err=True)
     raise typer.Exit(1)
 
 
@@ -82,7 +114,7 @@ def ingest(file: Path = typer.Argument(..., exists=True, dir_okay=False, readabl
 
                 result = ingest_file(client, file, session, chunk_bytes=chunk_bytes, progress=progress)
         except (ArmtHTTPError, httpx.HTTPError, ValueError) as e:
-            _fail(e)
+            _fail(e, url)
     typer.echo(json.dumps({"session": session, **{k: result[k] for k in ("offset", "tokens", "segments")}}))
 
 
@@ -104,7 +136,7 @@ def ask(session: str, question: str, url: str = URL, api_key: str = API_KEY, max
                     typer.echo(f"\n[{event['finish_reason']}, {event['usage']['completion_tokens']} tokens]",
                                err=True)
         except (ArmtHTTPError, httpx.HTTPError) as e:
-            _fail(e)
+            _fail(e, url)
 
 
 def sessions(url: str = URL, api_key: str = API_KEY) -> None:
@@ -118,6 +150,6 @@ def sessions(url: str = URL, api_key: str = API_KEY) -> None:
             for s in client.iter_sessions():
                 typer.echo(f"{s['id']}  {s['offset']:>12} bytes  {s['tokens']:>10} tokens  {s['updated_at']}")
         except (ArmtHTTPError, httpx.HTTPError) as e:
-            _fail(e)
+            _fail(e, url)
 
 

@@ -200,7 +200,7 @@ def _save(model, trainer, out: Path, export: Path | None) -> None:
 
 def evaluate(
     model_dir: Path = typer.Argument(None, help="model directory (default: the shipped default model)"),
-    task: str = typer.Option("qa1", help="qa1 | qa2 | remember"),
+    task: str = typer.Option("qa1", help="qa1 | qa2 | remember | ca (a cellular-automata model: see --ca-k)"),
     segments: str = typer.Option("1,2,4,8,16,32,64", help="document lengths in segments"),
     samples: int = typer.Option(256, help="documents per length"),
     long_samples: int = typer.Option(64, help="documents per length above 256 segments (time)"),

@@ -137,6 +137,8 @@ def ingest_file(client: ArmtClient, path: str | Path, session_id: str, chunk_byt
     total = path.stat().st_size
     offset, failures, conflicts, result = _offset(client, session_id, total), 0, 0, None
     with open(path, "rb") as f:
+        if offset:
+            _check_same_document(client, session_id, f, path)
         while offset < total:
             f.seek(offset)
             chunk = f.read(chunk_bytes)
@@ -162,6 +164,24 @@ def ingest_file(client: ArmtClient, path: str | Path, session_id: str, chunk_byt
             if progress:
                 progress(offset, total)
     return result or client.get_session(session_id)
+
+
+def _check_same_document(client: ArmtClient, session_id: str, f, path: Path) -> None:
+    """Resuming continues the *same* file: its bytes where the session's last append stands are sent there again,
+    a no-op when they are the ones the session holds and a 409 when they are not (another file: adding a second
+    document to a session is an append at its offset, not a resume)."""
+    info = client.get_session(session_id)
+    start, end = info.get("last_append_offset"), info["offset"]
+    if start is None:
+        return
+    f.seek(start)
+    try:
+        client.append(session_id, start, f.read(end - start))
+    except ArmtHTTPError as e:
+        if e.status != 409:
+            raise
+        raise ValueError(f"{path} is not the document session {session_id} holds (its bytes {start}..{end} differ); "
+                         "--session resumes the same file") from None
 
 
 def _backoff(error: Exception, failures: int) -> float:

@@ -43,8 +43,9 @@ def test_ca_training_continues_from_init(tmp_path):
                                  str(tmp_path / "a" / "model"), *tiny])
     assert second.exit_code == 0, second.output
     assert json.loads((tmp_path / "b" / "model" / "config.json").read_text())["num_hidden_layers"] == 2
-    bad = runner.invoke(app, ["train", "--out", str(tmp_path / "c"), "--init", str(tmp_path), *tiny])
-    assert bad.exit_code == 2 and "not an ARMT" in bad.output
+    bad = runner.invoke(app, ["train", "--out", str(tmp_path / "c"), "--init", str(tmp_path), *tiny],
+                        env={"COLUMNS": "400"})  # rich wraps (or cuts) the message at the terminal's width
+    assert bad.exit_code == 2 and "not an ARMT" in bad.output, bad.output
 
 
 def test_memory_streams_are_a_remember_option(tmp_path):
@@ -142,3 +143,27 @@ def test_resume_refuses_a_checkpoint_of_another_run(tmp_path):
     for change, name in ((["--task", "qa2"], "task"), (["--hidden", "64"], "shape")):
         other = runner.invoke(app, ["train", "--out", out, "--stages", "0,1", "--resume", *TINY_TEXT, *change])
         assert other.exit_code == 2 and "another" in other.output and name in other.output, other.output
+
+
+def test_serve_stops_at_once_on_a_missing_model_or_a_data_directory_in_use(tmp_path):
+    """Either would leave a started server answering 503 forever."""
+    from service.core.store import lock_data_directory
+
+    runner = CliRunner()
+    missing = runner.invoke(app, ["serve", "--model", str(tmp_path / "nope"), "--port", "1"])
+    assert missing.exit_code == 2 and "not an ARMT model directory" in missing.output
+    model = write_official(build_reference("llama"), tmp_path / "model")
+    held = lock_data_directory(tmp_path)  # another server owns this data directory
+    try:
+        busy = runner.invoke(app, ["serve", "--model", str(model), "--port", "1"], env={"ARMT_DATA_DIR": str(tmp_path)})
+        assert busy.exit_code == 2 and "another process" in busy.output, busy.output
+    finally:
+        held.close()
+
+
+def test_client_commands_say_what_to_do_when_no_server_answers():
+    from tests.service_helpers import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"
+    result = CliRunner().invoke(app, ["sessions", "--url", url])
+    assert result.exit_code == 1 and url in result.output and "armt serve" in result.output, result.output

@@ -198,12 +198,21 @@ def test_cli_ingest_ask_sessions(server, tmp_path):
     assert '"offset": 3000' in out.output
     again = runner.invoke(cli, ["ingest", str(path), "--session", sid, *common])  # nothing left: a no-op
     assert again.exit_code == 0 and '"offset": 3000' in again.output
+    other = tmp_path / "other.txt"  # a longer, different file: resuming it would skip its first 3000 bytes
+    other.write_bytes(DOC[1000:] + DOC[:1000])
+    wrong = runner.invoke(cli, ["ingest", str(other), "--session", sid, *common])
+    assert wrong.exit_code == 1 and "is not the document" in wrong.output, wrong.output
+    assert client_offset(server, sid) == 3000
     asked = runner.invoke(cli, ["ask", sid, "What is it?", *common, "--max-new-tokens", "5"])
     assert asked.exit_code == 0 and "[length, 5 tokens]" in asked.output
     listed = runner.invoke(cli, ["sessions", *common])
     assert listed.exit_code == 0 and sid in listed.output
     denied = runner.invoke(cli, ["sessions", "--url", server.url, "--api-key", "wrong"])
     assert denied.exit_code == 1 and "401" in denied.output
+
+
+def client_offset(server, sid: str) -> int:
+    return ArmtClient(server.url, api_key=KEY).get_session(sid)["offset"]
 
 
 def test_sigkill_and_restart_keeps_every_acknowledged_session(client, server):

@@ -358,3 +358,8 @@ def test_info_logs_of_the_service_are_printed_by_default(tiny_model_dir, tmp_pat
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert re.search(r"INFO +armt\.runtime: model [0-9a-f]+ loaded from ", out.stderr), out.stderr
+
+
+def test_a_blank_question_is_said_plainly(c):
+    error = assert_error(c.post(f"/v1/sessions/{new(c)}/ask", json={"question": "  \n "}), 422, "invalid_request")
+    assert "question is blank" in error["message"] and "pattern" not in error["message"]

@@ -80,8 +80,9 @@ class Runtime:
 
     def require(self) -> SessionService:
         if self.sessions is None:
-            detail = f": {self.error}" if self.error else ""
-            raise NotReady(f"the model is {self.status}{detail}")
+            if self.status == "failed":
+                raise NotReady(f"the server failed to start: {self.error}")
+            raise NotReady(f"the model is {self.status}")
         return self.sessions
 
     def stop(self) -> None:

@@ -67,7 +67,7 @@ class SessionStore(Protocol):
         """Release connections or the data directory (the service's shutdown)."""
 
 
-def _lock_directory(root: Path):
+def lock_data_directory(root: Path):
     """An open file holding an exclusive flock on root/.lock, or StoreError when another process holds it."""
     owner = open(root / ".lock", "a+")
     try:
@@ -105,7 +105,7 @@ class DiskStore:
         self._before_replace = (lambda: time.sleep(fault_delay_save_s)) if fault_delay_save_s > 0 else None
         self.dir = self.root / "sessions"
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._owner = _lock_directory(self.root) if exclusive else None
+        self._owner = lock_data_directory(self.root) if exclusive else None
         self._sizes: dict[str, int] = {}
         for leftover in self.dir.glob(".*.tmp"):  # a write interrupted by a crash: never acknowledged
             leftover.unlink(missing_ok=True)

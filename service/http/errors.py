@@ -80,11 +80,18 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
         # FastAPI reads a body of another type as bytes, which then "is not an object": say what is wrong
         return error_response(request, 415, "unsupported_media_type",
                               "this route takes a JSON body: send it with Content-Type: application/json")
-    details = [{"location": ".".join(str(p) for p in err.get("loc", ())), "message": err.get("msg", "")}
+    details = [{"location": ".".join(str(p) for p in err.get("loc", ())), "message": _message(err)}
                for err in errors[:MAX_DETAILS]]  # a body with 70,000 bad items must not get a 70,000-item answer
     summary = "; ".join(f"{d['location']}: {d['message']}" for d in details[:3])
     more = {"more_errors": len(errors) - MAX_DETAILS} if len(errors) > MAX_DETAILS else {}
     return error_response(request, 422, "invalid_request", summary or "invalid request", details=details, **more)
+
+
+def _message(err: dict) -> str:
+    """pydantic's message, said plainly where it would quote a regex."""
+    if err.get("type") == "string_pattern_mismatch" and tuple(err.get("loc", ()))[-1:] == ("question",):
+        return "question is blank: it needs something besides whitespace"
+    return err.get("msg", "")
 
 
 def _not_json(request: Request) -> bool:

@@ -57,12 +57,15 @@ class SessionOut(BaseModel):
     model: str = Field(description="fingerprint of the model that wrote the state")
     created_at: str
     updated_at: str
+    last_append_offset: int | None = Field(None, description="where the last append started (its bytes end at "
+                                                             "`offset`; sent again there, they are a no-op retry)")
 
     @classmethod
     def of(cls, m: SessionMeta) -> "SessionOut":
         return cls(id=m.id, offset=m.offset, tokens=m.tokens, segments=m.segments, pending_tokens=m.pending_tokens,
                    held_chars=len(m.held), state_bytes=m.state_bytes, state_digest=m.state_digest, model=m.model,
-                   created_at=_iso(m.created_at), updated_at=_iso(m.updated_at))
+                   created_at=_iso(m.created_at), updated_at=_iso(m.updated_at),
+                   last_append_offset=m.last_append.start if m.last_append else None)
 
 
 class SessionList(BaseModel):
