@@ -65,6 +65,8 @@ class Settings(BaseSettings):
     # Places of the engine queue one tenant may hold at once; 0: half the queue when ARMT_API_KEYS names two or more
     # tenants (so that one cannot lock the others out, with slow uploads say), else no share.
     max_queue_per_tenant: int = Field(0, ge=0)
+    # Sessions one tenant may hold (each stores a whole memory state, ~400 KB for the default model); 0: no limit.
+    max_sessions_per_tenant: int = Field(10_000, ge=0)
     max_batch_sessions: int = Field(16, ge=1)
     ingest_unit_segments: int = Field(16, ge=1)
     retry_after_seconds: int = Field(1, ge=0)
@@ -99,6 +101,9 @@ class Settings(BaseSettings):
             if not _KEY_ITEM.match(item):  # the message must not quote the item: it holds a secret
                 raise ValueError(f"ARMT_API_KEYS item {number} is not KEY=TENANT (a key without spaces, commas or "
                                  "'='; a tenant of letters, digits, '_', '.', '-')")
+            if item.startswith("replace-me"):  # deploy/k8s/common/secret.yaml's placeholder, deployed as it is
+                raise ValueError(f"ARMT_API_KEYS item {number} is the placeholder of the example secret: put a "
+                                 "random key there (e.g. `openssl rand -hex 24`)")
         return value
 
     @model_validator(mode="after")
@@ -128,6 +133,7 @@ class Settings(BaseSettings):
             max_batch_sessions=self.max_batch_sessions, unit_segments=self.ingest_unit_segments,
             retry_after_seconds=float(self.retry_after_seconds), state_cache_size=self.state_cache_size,
             fault_delay_save_s=self.fault_delay_save_s, torch_threads=self.torch_threads,
+            max_sessions_per_tenant=self.max_sessions_per_tenant,
             max_queue_per_tenant=self.max_queue_per_tenant or (
                 max(1, self.max_queue // 2) if len(set(self.tenants().values())) > 1 else None),
         )

@@ -86,8 +86,10 @@ def test_k8s_deployment_probes_gpu_config_and_secret(k8s):
     check_settings(config["data"])
     check_store_url(config["data"]["ARMT_STORE"], k8s)
     secret = one(k8s, "Secret", refs["secretRef"])
-    check_settings(secret["stringData"])
     assert set(secret["stringData"]) == {"ARMT_API_KEYS"}
+    with pytest.raises(ValueError, match="placeholder"):  # deployed unchanged, the server refuses to start
+        check_settings(secret["stringData"])
+    check_settings({"ARMT_API_KEYS": secret["stringData"]["ARMT_API_KEYS"].replace("replace-me", "k")})
 
 
 def test_k8s_service_monitor_autoscaler_and_budget_select_the_pods(k8s):

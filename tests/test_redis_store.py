@@ -90,6 +90,15 @@ def test_a_state_that_does_not_match_its_digest_is_never_served(store):
         store.load(m.id, "fp")
 
 
+def test_sessions_are_counted_per_tenant(store):
+    for i, tenant in enumerate(["t", "t", "t", "u"]):
+        store.save(meta(f"{i:032x}", tenant=tenant), state())
+    assert (store.count_for("t"), store.count_for("u"), store.count_for("v")) == (3, 1, 0)
+    store.delete(f"{0:032x}")
+    store.r.delete(store._key(f"{1:032x}"))  # expired (TTL): gone from lookups, still in the tenant's set
+    assert store.count_for("t") == 1
+
+
 def test_concurrent_writers_exactly_one_wins(redis_db):
     stores = [RedisStore.from_url(redis_db) for _ in range(8)]  # a connection each, like replicas
     stores[0].save(meta(), state())
@@ -290,3 +299,12 @@ def test_the_queue_share_per_tenant_is_half_the_queue_with_several_tenants():
     assert Settings(max_queue=10, api_keys="k1=a,k2=a").to_core().max_queue_per_tenant is None
     assert Settings(max_queue=10, api_keys="k1=a,k2=b").to_core().max_queue_per_tenant == 5
     assert Settings(max_queue=10, max_queue_per_tenant=3).to_core().max_queue_per_tenant == 3
+
+
+def test_the_example_secrets_placeholder_key_is_refused():
+    from pydantic import ValidationError
+
+    from service.settings import Settings
+
+    with pytest.raises(ValidationError, match="placeholder of the example secret"):
+        Settings(api_keys="good-key=a,replace-me-with-a-random-key=default")

@@ -363,3 +363,16 @@ def test_info_logs_of_the_service_are_printed_by_default(tiny_model_dir, tmp_pat
 def test_a_blank_question_is_said_plainly(c):
     error = assert_error(c.post(f"/v1/sessions/{new(c)}/ask", json={"question": "  \n "}), 422, "invalid_request")
     assert "question is blank" in error["message"] and "pattern" not in error["message"]
+
+
+def test_a_tenant_holds_at_most_its_session_quota(tiny_model_dir, tmp_path):
+    """Each session stores a whole memory state: one key creating sessions in a loop must not fill the disk."""
+    client = start(Settings(model=tiny_model_dir, data_dir=tmp_path, max_sessions_per_tenant=2))
+    try:
+        ids = [new(client) for _ in range(2)]
+        error = assert_error(client.post("/v1/sessions"), 403, "session_quota")
+        assert "ARMT_MAX_SESSIONS_PER_TENANT" in error["message"]
+        assert client.delete(f"/v1/sessions/{ids[0]}").status_code == 204
+        new(client)  # room again
+    finally:
+        client.__exit__(None, None, None)

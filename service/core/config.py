@@ -28,6 +28,7 @@ class CoreConfig:
     torch_threads: int = 0  # torch CPU threads for the engine; 0: all cores but one (at least one)
     fault_delay_save_s: float = 0.0  # test-only: sleep between a session file's temp write and its rename
     max_queue_per_tenant: int | None = None  # places one tenant may hold (None: no share, one tenant or no keys)
+    max_sessions_per_tenant: int = 0  # sessions one tenant may hold (0: no limit)
 
 
 def redact_url(url: str) -> str:

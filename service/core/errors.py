@@ -78,6 +78,12 @@ class NotReady(ArmtServiceError):
     code = "not_ready"
 
 
+class QuotaExceeded(ArmtServiceError):
+    """A tenant already holds as many sessions as it may (ARMT_MAX_SESSIONS_PER_TENANT): delete some first."""
+
+    code = "session_quota"
+
+
 class ShuttingDown(ArmtServiceError):
     """The server is stopping and a streamed answer did not end within its grace period (ask again elsewhere)."""
 

@@ -149,6 +149,19 @@ class RedisStore:
         return int(self._call("count", "", self._prune, keys=[f"{p}:all", f"{p}:sizes", f"{p}:bytes"],
                               args=[f"{p}:s:"], client=self.probe))
 
+    def count_for(self, tenant: str) -> int:
+        """Live ids of the tenant's sorted set (expired ones leave it here, as in page())."""
+        key = f"{self.prefix}:t:{tenant}"
+        ids = [i.decode() for i in self._call("count", tenant, self.r.zrange, key, 0, -1)]
+        pipe = self.r.pipeline(transaction=False)
+        for session_id in ids:
+            pipe.exists(self._key(session_id))
+        alive = self._call("count", tenant, pipe.execute) if ids else []
+        gone = [i for i, live in zip(ids, alive) if not live]
+        if gone:
+            self._call("count", tenant, self.r.zrem, key, *gone)
+        return len(ids) - len(gone)
+
     def save(self, meta: SessionMeta, state: MemoryState, replaces: str = "") -> None:
         data = state.to_bytes()
         args = [meta.version, json.dumps(meta.to_json(), sort_keys=True), data, meta.id, meta.sort_key[0],

@@ -23,7 +23,8 @@ from model.text import question_text
 
 from .answers import AnswerRun
 from .config import CoreConfig
-from .errors import InvalidRequest, OffsetConflict, PayloadTooLarge, SessionNotFound, VersionConflict
+from .errors import (InvalidRequest, OffsetConflict, PayloadTooLarge, QuotaExceeded, SessionNotFound,
+                     VersionConflict)
 from .scheduler import IngestJob, Scheduler
 from .stats import ServiceStats
 from .store import SessionStore
@@ -78,6 +79,10 @@ class SessionService:
 
     # ------------------------------------------------------------------ create / delete
     async def create(self, tenant: str) -> SessionMeta:
+        limit = self.cfg.max_sessions_per_tenant
+        if limit and await asyncio.to_thread(self.store.count_for, tenant) >= limit:
+            raise QuotaExceeded(f"this API key's tenant holds {limit} sessions, its limit "
+                                "(ARMT_MAX_SESSIONS_PER_TENANT): delete some first")
         state = self.model.new_state()
         now = time.time()
         meta = SessionMeta(id=secrets.token_hex(16), tenant=tenant, model=self.model.fingerprint, created_at=now,

@@ -47,6 +47,9 @@ class SessionStore(Protocol):
 
     def count(self) -> int: ...
 
+    def count_for(self, tenant: str) -> int:
+        """The tenant's sessions (its quota)."""
+
     def save(self, meta: SessionMeta, state: MemoryState, replaces: str = "") -> None:
         """Store meta and state together (atomic: old or new, never a mix), only over version `meta.version - 1`
         whose write_id is `replaces` (no session counts as version 0, write ""); otherwise VersionConflict and
@@ -129,6 +132,10 @@ class DiskStore:
 
     def count(self) -> int:
         return len(self._index)
+
+    def count_for(self, tenant: str) -> int:
+        with self._lock:
+            return sum(meta.tenant == tenant for meta in self._index.values())
 
     def _path(self, session_id: str) -> Path:
         if not SESSION_ID.match(session_id):  # ids are validated before; this keeps paths safe regardless

@@ -25,6 +25,7 @@ STATUS: dict[type[e.ArmtServiceError], int] = {
     e.UnsupportedMediaType: 415,
     e.PayloadTooLarge: 413,
     e.Unauthorized: 401,
+    e.QuotaExceeded: 403,
     e.SessionNotFound: 404,
     e.OffsetConflict: 409,
     e.StateConflict: 409,

@@ -14,6 +14,7 @@ from service.settings import Settings
 DESCRIPTIONS = {
     400: "Malformed JSON, or an append body that is not valid UTF-8 (`position` names the byte)",
     401: "Missing or wrong API key",
+    403: "The API key's tenant holds ARMT_MAX_SESSIONS_PER_TENANT sessions already",
     404: "No such session for this API key",
     408: "The request body stalled (ARMT_BODY_TIMEOUT_SECONDS without data)",
     409: "Wrong append offset (the body holds the current `offset`), or a state written by another model",

@@ -18,7 +18,7 @@ ERRORS = error_responses(*V1, 404)  # routes naming a session
 MAX_OFFSET = 2**63 - 1
 
 
-@router.post("", status_code=201, response_model=SessionOut, responses=error_responses(401, 503))
+@router.post("", status_code=201, response_model=SessionOut, responses=error_responses(401, 403, 503))
 async def create_session(tenant: Tenant, svc: Sessions) -> SessionOut:
     """A new, empty session (memory state written to the store before the 201)."""
     return SessionOut.of(await svc.create(tenant))
