@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -60,6 +61,22 @@ def _configure_logging(level: str) -> None:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(levelname)-9s %(name)s: %(message)s"))
         logger.addHandler(handler)
+    access = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, _MaskSecretQuery) for f in access.filters):
+        access.addFilter(_MaskSecretQuery())
+
+
+class _MaskSecretQuery(logging.Filter):
+    """A client that puts its key in the URL (`?api_key=...`, refused) must not leave it in uvicorn's access log:
+    query values of parameters named like a secret are masked there."""
+
+    SECRET = re.compile(r"([?&][^=&#]*(?:key|token|secret|password|auth)[^=&#]*=)[^&#]*", re.IGNORECASE)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str):  # (client, method, path, ...)
+            record.args = (*args[:2], self.SECRET.sub(r"\1***", args[2]), *args[3:])
+        return True
 
 
 def app_from_env() -> FastAPI:
