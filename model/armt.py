@@ -28,6 +28,7 @@ class ArmtModel(ArmtEngineMixin, nn.Module):
         self.base = base
         self.config = config
         self.fingerprint = fingerprint
+        self.fingerprints: tuple[str, ...] = (fingerprint,)  # states written under any of these are this model's
         L, d, M, d_mem = base.n_layers, base.d_model, config.num_mem_tokens, config.d_mem
         if config.wrap_pos and base.kind != "gpt2":
             raise ValueError("armt config: wrap_pos applies only to GPT-2 bases (learned position table)")

@@ -125,16 +125,18 @@ def _untie(hf) -> None:
     head.weight = torch.nn.Parameter(head.weight.detach().clone())
 
 
-def weights_digest(model: ArmtModel) -> str:
+def weights_digest(model: ArmtModel, legacy: bool = False) -> str:
     """Cheap digest of the weights: names, shapes and a strided sample of values (not a full hash).
 
     The values are taken at bfloat16 precision, so that the same checkpoint loaded in fp32 or bf16 (or cast after
     loading) names the same model: states stay usable across ARMT_DTYPE (the memory itself is always fp32).
+    `legacy`: the values as loaded, as versions before 2026-12-01 took them (their states' fingerprints).
     """
     h = hashlib.sha256()
     for name, p in sorted(model.state_dict().items()):
         flat = p.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 64)].to(torch.bfloat16).float().cpu()
+        sample = flat[:: max(1, flat.numel() // 64)]
+        sample = (sample.float() if legacy else sample.to(torch.bfloat16).float()).cpu()
         h.update(f"{name}{tuple(p.shape)}".encode())
         h.update(sample.numpy().tobytes())
     return h.hexdigest()[:16]
@@ -192,8 +194,15 @@ def from_base(directory: str | Path, armt: ArmtConfig, seed: int = 0, dtype: tor
     return finish(model, base_config.to_dict(), directory, "cpu")
 
 
-def finish(model: ArmtModel, base_config: dict, directory: Path | None, device) -> ArmtModel:
+def name_model(model: ArmtModel, base_config: dict) -> None:
+    """The model's fingerprint, and the one earlier versions gave the same weights (their states stay usable)."""
     model.fingerprint = fingerprint(base_config, model.config, weights_digest(model))
+    legacy = fingerprint(base_config, model.config, weights_digest(model, legacy=True))
+    model.fingerprints = (model.fingerprint,) + ((legacy,) if legacy != model.fingerprint else ())
+
+
+def finish(model: ArmtModel, base_config: dict, directory: Path | None, device) -> ArmtModel:
+    name_model(model, base_config)
     model.tokenizer = None
     if directory is not None and (directory / "tokenizer.json").is_file():
         from tokenizers import Tokenizer
@@ -216,7 +225,7 @@ def create(base_config, armt: ArmtConfig, dtype: torch.dtype = torch.float32, se
 def save_pretrained(model: ArmtModel, path: str | Path) -> None:
     """Write the project format; loading it back gives the same model (and the same fingerprint: the weights may
     have changed in place since the model was built, by training, so the fingerprint is taken again here)."""
-    model.fingerprint = fingerprint(model.base.config.to_dict(), model.config, weights_digest(model))
+    name_model(model, model.base.config.to_dict())
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
     model.base.config.save_pretrained(str(directory))

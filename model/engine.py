@@ -54,7 +54,7 @@ class ArmtEngineMixin:
 
     def _check_state(self, state: MemoryState) -> None:
         """This model's state: its fingerprint, the memory's shapes, pending ids in the vocabulary."""
-        state.check(self.fingerprint)
+        state.check(self.fingerprints)
         shape = (self.n_layers, self.config.d_key, self.base.d_model)
         if tuple(state.A.shape) != shape or tuple(state.z.shape) != shape[:2]:
             raise ValueError(f"memory state has A {tuple(state.A.shape)}, z {tuple(state.z.shape)}; this model "

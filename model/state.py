@@ -54,10 +54,13 @@ class MemoryState:
             self.A.clone(), self.z.clone(), self.fingerprint, list(self.pending), self.segments, self.tokens_written
         )
 
-    def check(self, fingerprint: str) -> None:
-        if self.fingerprint != fingerprint:
+    def check(self, fingerprint: str | tuple[str, ...]) -> None:
+        """StateMismatchError unless this state was written by the model of `fingerprint` (one name, or a model's
+        `fingerprints`: its current name and the one earlier versions gave it)."""
+        names = (fingerprint,) if isinstance(fingerprint, str) else tuple(fingerprint)
+        if self.fingerprint not in names:
             raise StateMismatchError(
-                f"memory state was written by model {self.fingerprint}, not by this model {fingerprint}"
+                f"memory state was written by model {self.fingerprint}, not by this model {names[0]}"
             )
 
     def metadata(self) -> dict:
@@ -80,7 +83,7 @@ class MemoryState:
         return save(tensors, metadata=metadata)
 
     @classmethod
-    def from_bytes(cls, data: bytes, fingerprint: str | None = None) -> "MemoryState":
+    def from_bytes(cls, data: bytes, fingerprint: str | tuple[str, ...] | None = None) -> "MemoryState":
         """Inverse of `to_bytes`; with `fingerprint`, refuse a state written by another model."""
         from safetensors.torch import load as load_tensors
 
@@ -106,7 +109,7 @@ class MemoryState:
 
     @classmethod
     def load(
-        cls, path: str | Path, fingerprint: str | None = None, device: str | torch.device = "cpu"
+        cls, path: str | Path, fingerprint: str | tuple[str, ...] | None = None, device: str | torch.device = "cpu"
     ) -> "MemoryState":
         """Read a saved state; with `fingerprint`, refuse one written by another model."""
         path = Path(path)

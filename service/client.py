@@ -138,7 +138,7 @@ def ingest_file(client: ArmtClient, path: str | Path, session_id: str, chunk_byt
     offset, failures, conflicts, result = _offset(client, session_id, total), 0, 0, None
     with open(path, "rb") as f:
         if offset:
-            _check_same_document(client, session_id, f, path)
+            _check_same_document(client, session_id, f, path, sleep, max_retries)
         while offset < total:
             f.seek(offset)
             chunk = f.read(chunk_bytes)
@@ -166,22 +166,28 @@ def ingest_file(client: ArmtClient, path: str | Path, session_id: str, chunk_byt
     return result or client.get_session(session_id)
 
 
-def _check_same_document(client: ArmtClient, session_id: str, f, path: Path) -> None:
+def _check_same_document(client: ArmtClient, session_id: str, f, path: Path, sleep, max_retries: int) -> None:
     """Resuming continues the *same* file: its bytes where the session's last append stands are sent there again,
     a no-op when they are the ones the session holds and a 409 when they are not (another file: adding a second
-    document to a session is an append at its offset, not a resume)."""
-    info = client.get_session(session_id)
-    start, end = info.get("last_append_offset"), info["offset"]
-    if start is None:
-        return
-    f.seek(start)
-    try:
-        client.append(session_id, start, f.read(end - start))
-    except ArmtHTTPError as e:
-        if e.status != 409:
-            raise
-        raise ValueError(f"{path} is not the document session {session_id} holds (its bytes {start}..{end} differ); "
-                         "--session resumes the same file") from None
+    document to a session is an append at its offset, not a resume). Retried like the upload itself; a 409 whose
+    session moved on meanwhile (another writer) is checked again at the new place."""
+    for attempt in range(max_retries + 1):
+        info = client.get_session(session_id)
+        start, end = info.get("last_append_offset"), info["offset"]
+        if start is None:
+            return
+        f.seek(start)
+        try:
+            client.append(session_id, start, f.read(end - start))
+            return
+        except (httpx.TransportError, ArmtHTTPError) as e:
+            if isinstance(e, ArmtHTTPError) and e.status == 409 and e.body.get("error", {}).get("offset") == end:
+                raise ValueError(f"{path} is not the document session {session_id} holds (its bytes {start}..{end} "
+                                 "differ); --session resumes the same file") from None
+            retryable = not isinstance(e, ArmtHTTPError) or e.status in RETRYABLE_STATUS or e.status == 409
+            if not retryable or attempt == max_retries:
+                raise
+            sleep(_backoff(e, attempt + 1))
 
 
 def _backoff(error: Exception, failures: int) -> float:

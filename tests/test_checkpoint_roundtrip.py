@@ -97,3 +97,19 @@ def test_a_model_changed_in_place_and_saved_keeps_the_fingerprint_of_its_files(t
     reloaded = ArmtModel.from_pretrained(tmp_path / "tuned")
     assert reloaded.fingerprint == model.fingerprint
     reloaded.ingest(state, [1, 2])  # accepted
+
+
+def test_states_of_the_fingerprint_earlier_versions_gave_a_model_stay_usable(tmp_path):
+    """The digest changed (values at bf16 precision): sessions stored under the old name must not become 409s."""
+    from model import ArmtModel, MemoryState, default_model_path
+    from model.checkpoint import weights_digest
+    from model.config import fingerprint
+
+    model = ArmtModel.from_pretrained(default_model_path())
+    old = fingerprint(model.base.config.to_dict(), model.config, weights_digest(model, legacy=True))
+    assert old != model.fingerprint and model.fingerprints == (model.fingerprint, old)
+    state = model.ingest(model.new_state(), list(range(70)))
+    state.fingerprint = old  # as an earlier version wrote it
+    state.save(tmp_path / "old.safetensors")
+    loaded = MemoryState.load(tmp_path / "old.safetensors", fingerprint=model.fingerprints)
+    assert model.ingest(loaded, [1, 2]).fingerprint == model.fingerprint  # accepted, and written under the new name

@@ -65,6 +65,8 @@ def test_no_key_is_a_401_before_the_body_is_read(c, path):
     r = c.post(path, content=b"{not json" + b" " * 500_000, headers={"Content-Type": "application/json"})
     assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
     assert r.headers["www-authenticate"].startswith("Bearer")
+    template = path.replace("a" * 32, "{session_id}")  # counted under its route, not as "unmatched"
+    assert f'route="{template}",status="401"' in c.get("/metrics").text
 
 
 def test_ops_routes_stay_open(c):

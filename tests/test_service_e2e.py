@@ -80,6 +80,33 @@ def test_ingest_file_gives_up_on_writers_that_keep_disagreeing(tmp_path):
     assert client.appends == 4 and naps == [0.5, 1.0]  # the first 409 is a plain resume
 
 
+def test_resuming_checks_the_file_through_a_busy_server(tmp_path):
+    """The check that the file is the session's document is retried like the upload (a 503 right after a restart),
+    and only a 409 at the session's own offset means another document."""
+    class Busy:
+        def __init__(self, answers):
+            self.answers, self.sent = list(answers), []
+
+        def get_session(self, sid):
+            return {"offset": 4, "last_append_offset": 0}
+
+        def append(self, sid, offset, chunk):
+            self.sent.append((offset, chunk))
+            answer = self.answers.pop(0)
+            if isinstance(answer, Exception):
+                raise answer
+            return answer
+
+    (tmp_path / "doc.txt").write_text("abcdefgh")
+    busy = Busy([ArmtHTTPError(503, {"error": {"code": "not_ready"}}), {"offset": 4}, {"offset": 8}])
+    naps = []
+    assert ingest_file(busy, tmp_path / "doc.txt", "0" * 32, sleep=naps.append)["offset"] == 8
+    assert busy.sent == [(0, b"abcd"), (0, b"abcd"), (4, b"efgh")] and len(naps) == 1
+    other = Busy([ArmtHTTPError(409, {"error": {"code": "offset_mismatch", "offset": 4}})])
+    with pytest.raises(ValueError, match="is not the document"):
+        ingest_file(other, tmp_path / "doc.txt", "0" * 32, sleep=naps.append)
+
+
 def test_ingest_file_refuses_an_empty_chunk_size(tmp_path):
     """read(0) is b"": the upload would append nothing at the same offset forever."""
     (tmp_path / "doc.txt").write_text("text")

@@ -101,17 +101,22 @@ def test_an_admitted_append_keeps_its_place_until_its_body_ends(server):
         s.sendall(f"POST /v1/sessions/{sid}/append?offset=0 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
                   f"Content-Type: text/plain; charset=utf-8\r\nContent-Length: {len(body)}\r\n\r\n".encode())
         s.sendall(body[:1100])
-        statuses = asyncio.run(asks_beside_one_long_question(server.url, asker))
-        s.sendall(body[1100:])
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
+
+        def rest_of_the_body() -> bytes:  # sent while the queue is full: its chunks' jobs use the append's place
+            s.sendall(body[1100:])
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+            return data
+
+        statuses, data = asyncio.run(asks_beside_one_long_question(server.url, asker, rest_of_the_body))
     assert statuses[-1] == 429 and 200 not in statuses[1:]  # the append's place + the question fill the queue
     assert data.split(b" ", 2)[1] == b"200" and json.loads(data.split(b"\r\n\r\n", 1)[1])["offset"] == len(body)
 
 
-async def asks_beside_one_long_question(url: str, sid: str) -> list[int]:
-    """Statuses of short questions asked while one long question holds a place, until one is refused (<= 5 s)."""
+async def asks_beside_one_long_question(url: str, sid: str, then) -> tuple[list[int], object]:
+    """Statuses of short questions asked while one long question holds a place, until one is refused (<= 5 s); then
+    `then()` (in a thread) while that question still holds its place: (statuses, its result)."""
     async with httpx.AsyncClient(base_url=url, timeout=60) as http:
         release, started = asyncio.Event(), asyncio.Event()
         holder = asyncio.create_task(hold(http, sid, started, release))
@@ -123,6 +128,7 @@ async def asks_beside_one_long_question(url: str, sid: str) -> list[int]:
             if r.status_code == 429:
                 break
             await asyncio.sleep(0.1)
+        result = await asyncio.to_thread(then)
         release.set()
         await holder
-        return statuses
+        return statuses, result

@@ -155,3 +155,7 @@ def test_a_resumed_run_logs_each_step_once(tmp_path):
         log({"step": step, "loss": 0.5})
     steps = [json.loads(row)["step"] for row in path.read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
+    with path.open("a") as f:
+        f.write('{"step": 7, "lo')  # a crash mid-row
+    write_log(path, after_step=6)({"step": 7, "loss": 0.1})
+    assert [json.loads(row)["step"] for row in path.read_text().splitlines()] == [1, 2, 3, 4, 5, 6, 7]

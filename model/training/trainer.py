@@ -282,14 +282,24 @@ def _tuples(x):
     return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
+def _step(row: str) -> float:
+    """A log row's step; a torn row (a crash mid-write) counts as past every checkpoint."""
+    try:
+        return json.loads(row).get("step", 0)
+    except (json.JSONDecodeError, AttributeError):
+        return float("inf")
+
+
 def write_log(path: Path, after_step: int | None = None):
     """An appending JSON-lines log. `after_step` (a resumed run): rows logged past that step first go, since the
     run continues from its checkpoint and logs those steps again."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if after_step is not None and path.is_file():
         rows = path.read_text(encoding="utf-8").splitlines()
-        keep = next((i for i, row in enumerate(rows) if json.loads(row).get("step", 0) > after_step), len(rows))
-        path.write_text("".join(row + "\n" for row in rows[:keep]), encoding="utf-8")
+        keep = next((i for i, row in enumerate(rows) if _step(row) > after_step), len(rows))
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(row + "\n" for row in rows[:keep]), encoding="utf-8")
+        tmp.replace(path)
     f = path.open("a", encoding="utf-8")
 
     def log(row: dict) -> None:

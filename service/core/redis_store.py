@@ -149,9 +149,13 @@ class RedisStore:
         return int(self._call("count", "", self._prune, keys=[f"{p}:all", f"{p}:sizes", f"{p}:bytes"],
                               args=[f"{p}:s:"], client=self.probe))
 
-    def count_for(self, tenant: str) -> int:
-        """Live ids of the tenant's sorted set (expired ones leave it here, as in page())."""
+    def count_for(self, tenant: str, at_least: int = 0) -> int:
+        """The tenant's sessions: its sorted set's size when under `at_least` (one call), else its live ids
+        counted one by one (expired ones leave the set here, as in page())."""
         key = f"{self.prefix}:t:{tenant}"
+        size = int(self._call("count", tenant, self.r.zcard, key))
+        if size < at_least:
+            return size
         ids = [i.decode() for i in self._call("count", tenant, self.r.zrange, key, 0, -1)]
         pipe = self.r.pipeline(transaction=False)
         for session_id in ids:
@@ -171,7 +175,7 @@ class RedisStore:
             raise VersionConflict(f"session {meta.id} is at version {stored}; a write of version {meta.version} "
                                   "lost a race with another writer")
 
-    def load(self, session_id: str, fingerprint: str) -> tuple[SessionMeta, MemoryState]:
+    def load(self, session_id: str, fingerprint: str | tuple[str, ...]) -> tuple[SessionMeta, MemoryState]:
         raw, data = self._call("read", session_id, self.r.hmget, self._key(session_id), ["meta", "state"])
         if raw is None or data is None:
             raise SessionNotFound(f"no session {session_id}")

@@ -57,7 +57,10 @@ class Runtime:
             model = load_model(self.cfg)
             try:
                 store = open_store(self.cfg)
-            except Exception as e:  # its text may quote pieces of the URL (a password): never shown, nor logged
+            except Exception as e:
+                if self.cfg.store == "disk":  # its own words (a directory in use, a permission): no secret there
+                    raise
+                # a Redis URL's parse error may quote pieces of it (a password): never shown, nor logged
                 log.error("cannot open the session store %s (%s): check the URL's syntax; a password holding / ? # "
                           "or @ must be percent-encoded", redact_url(self.cfg.store), type(e).__name__)
                 raise StoreError(f"cannot open the session store {redact_url(self.cfg.store)} (see the server "

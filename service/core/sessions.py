@@ -79,8 +79,8 @@ class SessionService:
 
     # ------------------------------------------------------------------ create / delete
     async def create(self, tenant: str) -> SessionMeta:
-        limit = self.cfg.max_sessions_per_tenant
-        if limit and await asyncio.to_thread(self.store.count_for, tenant) >= limit:
+        limit = self.cfg.max_sessions_per_tenant  # a soft limit: creates in flight together may pass it by a few
+        if limit and await asyncio.to_thread(self.store.count_for, tenant, limit) >= limit:
             raise QuotaExceeded(f"this API key's tenant holds {limit} sessions, its limit "
                                 "(ARMT_MAX_SESSIONS_PER_TENANT): delete some first")
         state = self.model.new_state()
@@ -225,7 +225,7 @@ class SessionService:
             self._cache.move_to_end(session_id)
             return cached
         start = time.perf_counter()
-        pair = await asyncio.to_thread(self.store.load, session_id, self.model.fingerprint)
+        pair = await asyncio.to_thread(self.store.load, session_id, self.model.fingerprints)
         with self.stats.lock:
             self.stats.store.load_seconds.observe(time.perf_counter() - start)
         if pair[0].tenant != tenant:

@@ -47,15 +47,16 @@ class SessionStore(Protocol):
 
     def count(self) -> int: ...
 
-    def count_for(self, tenant: str) -> int:
-        """The tenant's sessions (its quota)."""
+    def count_for(self, tenant: str, at_least: int = 0) -> int:
+        """The tenant's sessions (its quota). Exact from `at_least` on; below it a store may give a cheap upper bound
+        (still below `at_least`: under the quota either way)."""
 
     def save(self, meta: SessionMeta, state: MemoryState, replaces: str = "") -> None:
         """Store meta and state together (atomic: old or new, never a mix), only over version `meta.version - 1`
         whose write_id is `replaces` (no session counts as version 0, write ""); otherwise VersionConflict and
         nothing is written."""
 
-    def load(self, session_id: str, fingerprint: str) -> tuple[SessionMeta, MemoryState]:
+    def load(self, session_id: str, fingerprint: str | tuple[str, ...]) -> tuple[SessionMeta, MemoryState]:
         """Meta and state as last saved (one consistent pair); SessionNotFound when there is no such session,
         StateConflict if another model wrote the state."""
 
@@ -75,7 +76,10 @@ def lock_data_directory(root: Path):
     owner = open(root / ".lock", "a+")
     try:
         fcntl.flock(owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as e:
+        if not isinstance(e, BlockingIOError):  # a filesystem without flock (some NFS, SMB, FUSE): go on unlocked
+            log.warning("cannot lock the data directory %s (%s): one server per directory is not enforced", root, e)
+            return owner
         owner.close()
         raise StoreError(f"another process (a second armt serve?) is using the data directory {root}; a disk store "
                          "has one owner: give each server its own ARMT_DATA_DIR, or share sessions through Redis "
@@ -133,7 +137,7 @@ class DiskStore:
     def count(self) -> int:
         return len(self._index)
 
-    def count_for(self, tenant: str) -> int:
+    def count_for(self, tenant: str, at_least: int = 0) -> int:
         with self._lock:
             return sum(meta.tenant == tenant for meta in self._index.values())
 
@@ -170,7 +174,7 @@ class DiskStore:
                 self._sizes[meta.id] = len(data)
                 self._index[meta.id] = meta
 
-    def load(self, session_id: str, fingerprint: str) -> tuple[SessionMeta, MemoryState]:
+    def load(self, session_id: str, fingerprint: str | tuple[str, ...]) -> tuple[SessionMeta, MemoryState]:
         try:
             data = self._path(session_id).read_bytes()
             meta = SessionMeta.from_json(json.loads(header_metadata(data)[SESSION_KEY]))

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 SESSION_ID = re.compile(r"^[0-9a-f]{32}$")  # 128 random bits, hex; the only form ever used in a file name
 # A question must hold something besides ASCII whitespace. Written as a character class, not `\S`, so that Python,
@@ -58,7 +58,8 @@ class SessionMeta:
 
     @classmethod
     def from_json(cls, d: dict) -> "SessionMeta":
-        d = dict(d)
+        # fields a newer version added are dropped: during a rolling update old and new replicas share one store
+        d = {k: v for k, v in d.items() if k in _META_FIELDS}
         d["partial"] = bytes.fromhex(d.get("partial", ""))
         last = d.get("last_append")
         d["last_append"] = LastAppend(**last) if last else None
@@ -70,6 +71,9 @@ class SessionMeta:
     @property
     def sort_key(self) -> tuple[int, str]:
         return int(self.created_at * 1_000_000), self.id
+
+
+_META_FIELDS = {f.name for f in fields(SessionMeta)}
 
 
 @dataclass(frozen=True)

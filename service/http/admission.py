@@ -53,13 +53,16 @@ class KeyGate:
     async def __call__(self, scope, receive, send):
         keys = scope["app"].state.tenants if scope["type"] == "http" else None
         if keys and scope["path"].startswith("/v1/"):
-            header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            header = next((v for k, v in scope["headers"] if k == b"authorization"), b"").decode("latin-1")  # first
             scheme, _, token = header.strip().partition(" ")
             try:
                 if scheme.lower() != "bearer":
                     raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
                 tenant_of(keys, token)
             except Unauthorized as exc:
+                match = ENGINE_ROUTES.match(scope["path"])
+                if match:  # the route label of armt_request_duration_seconds, as the 429s above have it
+                    scope["route"] = SimpleNamespace(path=TEMPLATES[match.group(2)])
                 response = error_response(Request(scope), 401, exc.code, exc.message,
                                           {"WWW-Authenticate": 'Bearer realm="armt"'})
                 return await response(scope, receive, send)
