@@ -19,19 +19,16 @@ def _load(model_dir: Path):
 
     from model import ArmtModel
 
+    from safetensors import SafetensorError
+
     try:
         return ArmtModel.from_pretrained(model_dir, device="cpu", dtype=torch.float32)
-    except (OSError, ValueError) as e:  # missing files, a truncated or foreign weights file, a bad config
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
-    except Exception as e:  # safetensors' own error type for a damaged file
-        if type(e).__name__ != "SafetensorError":
-            raise
-        typer.echo(f"error: {model_dir}: damaged weights file: {e}", err=True)
-        raise typer.Exit(2) from None
+    except (OSError, ValueError, SafetensorError) as e:  # missing files, a damaged or foreign weights file, a config
+        _fail(str(e))
 
 
 def _fail(message: str) -> None:
+    """A user's mistake: its message, exit code 2, no traceback."""
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(2)
 
@@ -54,8 +51,7 @@ def _encode(m, text: str) -> list[int]:
     try:
         return [int(t) for t in text.split()]
     except ValueError:
-        typer.echo("error: this model has no tokenizer.json; give space-separated token ids", err=True)
-        raise typer.Exit(2) from None
+        _fail("this model has no tokenizer.json; give space-separated token ids")
 
 
 @app.command()
@@ -86,8 +82,7 @@ def generate(
         stream = m.generate(state, _encode(m, prompt), max_new_tokens=max_new_tokens, temperature=temperature,
                             executor=executor)
     except ValueError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+        _fail(str(e))
     from service.core.textstream import AnswerText
 
     eos = set(m.default_stop_ids())
@@ -140,8 +135,7 @@ def init_random(out_dir: Path, base: str = "llama", layers: int = 4, hidden: int
         cfg = GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=max(1, hidden // 32),
                          n_positions=1024, **eos)
     else:
-        typer.echo("error: --base must be llama or gpt2", err=True)
-        raise typer.Exit(2)
+        _fail("--base must be llama or gpt2")
     try:
         armt = ArmtConfig(num_mem_tokens=num_mem_tokens, d_mem=d_mem, segment_size=segment_size)
     except ValueError as e:
@@ -181,11 +175,9 @@ def bench_ingest(
     from model.bench import PRESETS, Options, run
 
     if preset not in PRESETS:
-        typer.echo(f"error: --preset must be one of {sorted(PRESETS)}", err=True)
-        raise typer.Exit(2)
+        _fail(f"--preset must be one of {sorted(PRESETS)}")
     if graphs and not device.startswith("cuda"):
-        typer.echo("error: --graphs needs --device cuda (CUDA graphs)", err=True)
-        raise typer.Exit(2)
+        _fail("--graphs needs --device cuda (CUDA graphs)")
     lengths = [int(x) for x in segments.split(",") if x.strip()]
     dtype = torch.bfloat16 if bf16 else torch.float32
     opts = Options(sessions, session_segments, repeats, base_max_tokens, compile, graphs, drift_segments)

@@ -223,46 +223,52 @@ def evaluate(
 
     from model import default_model_path
     from model.tasks import Codec
-    from model.training import accuracy
 
-    from service.cli import _load
+    from service.cli import _fail, _load
 
-    lengths = _ints(segments, "--segments", low=1)
-    if samples < 1 or long_samples < 1:
-        raise typer.BadParameter("must be >= 1", param_hint="--samples / --long-samples")
-    if split not in ("eval", "train"):
-        raise typer.BadParameter(f"{split!r} is not eval or train", param_hint="--split")
-    if executor not in ("sequential", "diagonal"):
-        raise typer.BadParameter(f"{executor!r} is not sequential or diagonal", param_hint="--executor")
-    if task not in TASKS:
-        raise typer.BadParameter(f"unknown task {task!r}; one of {', '.join(TASKS)}", param_hint="--task")
+    lengths = _check_eval_options(task, segments, samples, long_samples, split, executor)
     m = _load(model_dir or default_model_path())
+    torch.set_grad_enabled(False)
     if task == "ca":
-        torch.set_grad_enabled(False)
         _eval_ca(m, model_dir, ca_k, ca_variant, max_hop, samples, seed, out)
         return
     if m.tokenizer is None:
-        typer.echo("error: the model has no tokenizer.json", err=True)
-        raise typer.Exit(2)
-    torch.set_grad_enabled(False)
-    codec = Codec(m.tokenizer)
-    rows = []
-    for n in lengths:
-        start = time.perf_counter()
-        k = samples if n <= 256 else long_samples
-        row = accuracy(m, codec, task, n, k, split=split, seed=seed + n, batch_size=batch_size, executor=executor,
-                       memory=memory)
-        row["seconds"] = round(time.perf_counter() - start, 1)
-        rows.append(row)
-        label = task if memory else f"{task} (no memory)"
-        typer.echo(f"{label} {n:5d} seg {row['tokens']:8d} tok  exact match {row['accuracy']:.3f} "
-                   f"[{row['ci95'][0]:.3f}, {row['ci95'][1]:.3f}]  n={row['samples']}  {row['seconds']}s")
+        _fail("the model has no tokenizer.json")
+    codec, label = Codec(m.tokenizer), task if memory else f"{task} (no memory)"
+    rows = [_qa_row(m, codec, task, n, samples if n <= 256 else long_samples, label, split=split,
+                    seed=seed + n, batch_size=batch_size, executor=executor, memory=memory) for n in lengths]
     out = out or Path(f"runs/eval-{task}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": str(model_dir or default_model_path()), "split": split, "rows": rows},
                               indent=2))
     if plot is not None:
         _plot_eval(rows, task, plot)
+
+
+def _qa_row(m, codec, task: str, n: int, k: int, label: str, **options) -> dict:
+    """Exact match on k documents of n segments (model/training accuracy), printed as it comes."""
+    from model.training import accuracy
+
+    start = time.perf_counter()
+    row = accuracy(m, codec, task, n, k, **options)
+    row["seconds"] = round(time.perf_counter() - start, 1)
+    typer.echo(f"{label} {n:5d} seg {row['tokens']:8d} tok  exact match {row['accuracy']:.3f} "
+               f"[{row['ci95'][0]:.3f}, {row['ci95'][1]:.3f}]  n={row['samples']}  {row['seconds']}s")
+    return row
+
+
+def _check_eval_options(task: str, segments: str, samples: int, long_samples: int, split: str,
+                        executor: str) -> tuple[int, ...]:
+    """The document lengths; BadParameter for option values that would fail late or print nonsense rows."""
+    if task not in TASKS:
+        raise typer.BadParameter(f"unknown task {task!r}; one of {', '.join(TASKS)}", param_hint="--task")
+    if samples < 1 or long_samples < 1:
+        raise typer.BadParameter("must be >= 1", param_hint="--samples / --long-samples")
+    if split not in ("eval", "train"):
+        raise typer.BadParameter(f"{split!r} is not eval or train", param_hint="--split")
+    if executor not in ("sequential", "diagonal"):
+        raise typer.BadParameter(f"{executor!r} is not sequential or diagonal", param_hint="--executor")
+    return _ints(segments, "--segments", low=1)
 
 
 def _eval_ca(m, model_dir, k: int, variant: str, max_hop: str, samples: int, seed: int, out: Path | None) -> None:

@@ -44,8 +44,8 @@ class AdmissionGate:
 
 class KeyGate:
     """401 for a /v1 request without a valid key before its body is read or parsed: a client without a key must
-    not make the server read (up to a megabyte) and parse JSON for it. The routes check the key again (`Tenant`),
-    which is also what names the tenant."""
+    not make the server read (up to a megabyte) and parse JSON for it. The tenant it found rides in the request's
+    state to the routes' `Tenant` dependency."""
 
     def __init__(self, app) -> None:
         self.app = app
@@ -58,7 +58,7 @@ class KeyGate:
             try:
                 if scheme.lower() != "bearer":
                     raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
-                tenant_of(keys, token)
+                scope.setdefault("state", {})["tenant"] = tenant_of(keys, token)
             except Unauthorized as exc:
                 match = ENGINE_ROUTES.match(scope["path"])
                 if match:  # the route label of armt_request_duration_seconds, as the 429s above have it

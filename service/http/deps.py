@@ -32,7 +32,8 @@ async def current_tenant(request: Request,
     keys: dict[str, str] = request.app.state.tenants
     if not keys:
         return OPEN_TENANT
-    return tenant_of(keys, credentials.credentials if credentials is not None else "")
+    checked = getattr(request.state, "tenant", None)  # by KeyGate (service/http/admission.py), before the body
+    return checked if checked is not None else tenant_of(keys, credentials.credentials if credentials else "")
 
 
 def tenant_of(keys: dict[str, str], token: str) -> str:
