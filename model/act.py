@@ -21,20 +21,26 @@ import torch
 
 @dataclass
 class ActStats:
-    """Hops actually used, per layer: `mean_hops` averages over tokens and calls (what the service reports)."""
+    """Hops actually used, per layer, averaged over every token that went through the layer (so the figures do not
+    depend on how the tokens were batched or split into calls)."""
 
-    hop_sums: dict[int, float] = field(default_factory=dict)  # layer -> sum over calls of mean hops per token
-    calls: dict[int, int] = field(default_factory=dict)
+    hop_sums: dict[int, float] = field(default_factory=dict)  # layer -> sum over tokens of hops used
+    tokens: dict[int, int] = field(default_factory=dict)  # layer -> tokens counted
     max_hops: int = 0  # most hops any token used
+    skip: int = 0  # positions at the start of each call not to count (decode_act's re-run of a counted prefix)
 
     def add(self, layer: int, n_updates: torch.Tensor) -> None:
-        self.hop_sums[layer] = self.hop_sums.get(layer, 0.0) + float(n_updates.float().mean())
-        self.calls[layer] = self.calls.get(layer, 0) + 1
+        """n_updates: hops used per token [B, T]."""
+        n_updates = n_updates[..., self.skip :]  # [B, T - skip]
+        if n_updates.numel() == 0:
+            return
+        self.hop_sums[layer] = self.hop_sums.get(layer, 0.0) + float(n_updates.double().sum())
+        self.tokens[layer] = self.tokens.get(layer, 0) + n_updates.numel()
         self.max_hops = max(self.max_hops, int(n_updates.max()))
 
     @property
     def hops_per_layer(self) -> list[float]:
-        return [self.hop_sums[layer] / self.calls[layer] for layer in sorted(self.hop_sums)]
+        return [self.hop_sums[layer] / self.tokens[layer] for layer in sorted(self.hop_sums)]
 
     @property
     def mean_hops(self) -> float:

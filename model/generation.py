@@ -100,12 +100,19 @@ def decode_act(model, final_ids, A, z, first, params: SamplingParams, act, gener
     would need one entry per (layer, hop) and tokens that halted early would have none for later hops. The final
     segment is short, so it is simply run again over (segment + tokens so far) for each new token; a token's
     output depends only on earlier tokens (causal attention, per-token halting), so this is the exact result.
+    The hop statistics count each position once, as a cached decode would: a re-run counts only its new token.
     """
     ids = final_ids
     for step in range(params.max_new_tokens):
         with torch.no_grad():
             x, positions, _ = model.segment_inputs(ids, with_memory=False)  # [1, n', d], [1, n']
-            h, _, _ = model.run_layers(x, positions, A, z, first, write=False, act=act)
+            if act.stats is not None:
+                act.stats.skip = x.shape[1] - 1 if step else 0  # the earlier positions were counted already
+            try:
+                h, _, _ = model.run_layers(x, positions, A, z, first, write=False, act=act)
+            finally:
+                if act.stats is not None:
+                    act.stats.skip = 0
             logits = model.base.head(h[:, -1:])  # [1, 1, V]
         token = sample(logits[0, -1].cpu(), params, generator)
         yield token

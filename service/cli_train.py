@@ -5,6 +5,7 @@ Registered on the `armt` app by service/cli.py.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from contextlib import contextmanager
@@ -40,14 +41,18 @@ def train(
     stream_max: int = typer.Option(0, min=0, help="remember, last stage: each batch row is a stream that carries "
                                                   "its memory to the next step, up to N segments long (0: off)"),
     layers: int = 4, hidden: int = 128, heads: int = 4, ffn: int = 512,
-    num_mem_tokens: int = 16, d_mem: int = 32, segment_size: int = 64, vocab: int = 3000,
+    num_mem_tokens: int = 16, d_mem: int = 32,
+    segment_size: int = typer.Option(None, help="tokens per segment of a new memory: 64 for the text tasks; task ca: "
+                                                "21 (one state), plain arch: the whole sample"),
+    vocab: int = 3000,
     seed: int = 0,
     resume: bool = typer.Option(False, help="continue OUT/checkpoint exactly"),
     device: str = "cpu",
     bf16: bool = typer.Option(False, help="bfloat16 weights (memory state stays fp32)"),
     export: Path = typer.Option(None, help="also copy the final model directory here (e.g. model/weights/default)"),
     arch: str = typer.Option("armt", help="task ca: armt (21-token segments + memory) or plain (one segment)"),
-    ca_k: int = typer.Option(1, help="task ca: predict the state k steps ahead (1..4)"),
+    ca_k: int = typer.Option(None, help="task ca: predict the state k steps ahead, 1..4 (os: default 1; shift: "
+                                        "default a random k per sample; oo predicts the next four states)"),
     ca_variant: str = typer.Option("os", help="task ca: os | oo | shift"),
     ca_context: bool = typer.Option(False, help="task ca: also score the given states s1..s9 in training"),
     act: bool = typer.Option(False, help="adaptive computation time in every layer (new models)"),
@@ -103,7 +108,8 @@ def _train_config(options: dict):
     _check_train_options(options)
     cfg = {f.name: options[f.name] for f in fields(TrainConfig) if f.name in options}
     if cfg["task"] == "ca":
-        cfg.update(stages="1", aux_batch_size=0, copy_batch_size=0, probe_weight=0.0)
+        cfg.update(stages="1", aux_batch_size=0, copy_batch_size=0, probe_weight=0.0,
+                   ca_k=_ca_k(options["ca_k"], options["ca_variant"]))
     cfg["stages"] = _ints(cfg["stages"], "--stages", low=0)
     cfg["questions"] = cfg["questions"] or (1 if cfg["task"] == "remember" else 4)
     try:
@@ -126,13 +132,27 @@ def _check_train_options(o: dict) -> None:
         if o[name] not in choices:
             raise typer.BadParameter(f"{o[name]!r} is not one of {', '.join(choices)}",
                                      param_hint=f"--{name.replace('_', '-')}")
-    if not 1 <= o["ca_k"] <= 4:
-        raise typer.BadParameter(f"must be in 1..4, got {o['ca_k']}", param_hint="--ca-k")
-    for name in ("batch_size", "layers", "hidden", "heads", "max_steps"):
+    if o["task"] == "ca":
+        _ca_k(o["ca_k"], o["ca_variant"])
+    for name in ("batch_size", "layers", "hidden", "heads", "max_steps", "max_hop"):
         if o[name] < 1:
             raise typer.BadParameter(f"must be >= 1, got {o[name]}", param_hint=f"--{name.replace('_', '-')}")
+    if o["segment_size"] is not None and o["segment_size"] < 1:
+        raise typer.BadParameter(f"must be >= 1, got {o['segment_size']}", param_hint="--segment-size")
+    if not math.isfinite(o["ponder_tau"]) or o["ponder_tau"] < 0:
+        raise typer.BadParameter(f"must be a finite number >= 0, got {o['ponder_tau']}", param_hint="--ponder-tau")
     if o["device"].startswith("cuda") and not torch.cuda.is_available():
         raise typer.BadParameter("this torch build or machine has no CUDA device", param_hint="--device")
+
+
+def _ca_k(k: int | None, variant: str) -> int | None:
+    """--ca-k as the variant takes it (model/tasks/cellular_automata.py check_k: O-S defaults to 1)."""
+    from model.tasks.cellular_automata import check_k
+
+    try:
+        return check_k(k, variant)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--ca-k") from None
 
 
 def _ints(text: str, hint: str, low: int) -> tuple[int, ...]:
@@ -156,15 +176,26 @@ def _training_model(o: dict):
                                "act_fixed")}
     init, task = o["init"], o["task"]
     if init is not None:  # an ARMT trained before (CA ones have no tokenizer), or a plain HF base + fresh memory
-        armt = ArmtConfig(num_mem_tokens=o["num_mem_tokens"], d_mem=o["d_mem"], segment_size=o["segment_size"],
-                          armt_version=2)
+        armt = ArmtConfig(num_mem_tokens=0 if task == "ca" and o["arch"] == "plain" else o["num_mem_tokens"],
+                          d_mem=o["d_mem"], segment_size=_segment_size(o), armt_version=2)
         try:
             return load_for_training(init, armt, needs_tokenizer=task != "ca")
         except (FileNotFoundError, ValueError) as e:
             raise typer.BadParameter(str(e), param_hint="--init") from e
     if task == "ca":
         return new_ca_model(o["arch"], variant=o["ca_variant"], seed=o["seed"], **shape)
-    return new_model(default_tokenizer(o["vocab"]), segment_size=o["segment_size"], seed=o["seed"], **shape)
+    return new_model(default_tokenizer(o["vocab"]), segment_size=_segment_size(o), seed=o["seed"], **shape)
+
+
+def _segment_size(o: dict) -> int:
+    """--segment-size, or the task's own: 64 tokens of text; a CA state (21) with memory, a whole CA sample without."""
+    from model.tasks.cellular_automata import GROUP, sequence_length
+
+    if o["segment_size"] is not None:
+        return o["segment_size"]
+    if o["task"] != "ca":
+        return 64
+    return sequence_length(o["ca_variant"]) if o["arch"] == "plain" else GROUP
 
 
 @contextmanager
@@ -211,7 +242,8 @@ def evaluate(
     plot: Path = typer.Option(None, help="PNG of accuracy vs length (needs matplotlib)"),
     executor: str = "diagonal",
     memory: bool = typer.Option(True, help="--no-memory: baseline that sees only the last segment"),
-    ca_k: int = typer.Option(1, help="task ca: the horizon k the model was trained for"),
+    ca_k: int = typer.Option(None, help="task ca: the horizon k, 1..4 (os: default 1; shift: default each of 1..4 "
+                                        "in turn; oo scores its four states)"),
     ca_variant: str = typer.Option("os", help="task ca: os | oo | shift"),
     max_hop: str = typer.Option("", help="task ca, ACT models: comma-separated max_hop values to compare"),
 ) -> None:
@@ -227,11 +259,13 @@ def evaluate(
     from service.cli import _fail, _load
 
     lengths = _check_eval_options(task, segments, samples, long_samples, split, executor)
+    if task == "ca":
+        _eval_ca(model_dir, _ca_ks(model_dir, ca_k, ca_variant), ca_variant, max_hop, samples, seed, out)
+        return
+    if max_hop.strip():
+        raise typer.BadParameter("applies to --task ca only", param_hint="--max-hop")
     m = _load(model_dir or default_model_path())
     torch.set_grad_enabled(False)
-    if task == "ca":
-        _eval_ca(m, model_dir, ca_k, ca_variant, max_hop, samples, seed, out)
-        return
     if m.tokenizer is None:
         _fail("the model has no tokenizer.json")
     codec, label = Codec(m.tokenizer), task if memory else f"{task} (no memory)"
@@ -271,20 +305,47 @@ def _check_eval_options(task: str, segments: str, samples: int, long_samples: in
     return _ints(segments, "--segments", low=1)
 
 
-def _eval_ca(m, model_dir, k: int, variant: str, max_hop: str, samples: int, seed: int, out: Path | None) -> None:
-    from model.training.reasoning import ca_accuracy
+def _ca_ks(model_dir: Path | None, k: int | None, variant: str) -> list[int | None]:
+    """The horizons to score: --ca-k, or the variant's own (shift: each of 1..4 in turn)."""
+    if model_dir is None:
+        raise typer.BadParameter("task ca needs the directory of a model trained on it (armt train --task ca)",
+                                 param_hint="MODEL_DIR")
+    if variant not in CHOICES["ca_variant"]:
+        raise typer.BadParameter(f"{variant!r} is not one of {', '.join(CHOICES['ca_variant'])}",
+                                 param_hint="--ca-variant")
+    if variant == "shift" and k is None:
+        return [1, 2, 3, 4]
+    return [_ca_k(k, variant)]
+
+
+def _eval_ca(model_dir: Path, ks: list[int | None], variant: str, max_hop: str, samples: int, seed: int,
+             out: Path | None) -> None:
+    import torch
+
+    from model.training.reasoning import ca_accuracy, check_fits
+
+    from service.cli import _fail, _load
 
     hops = list(_ints(max_hop, "--max-hop", low=1)) if max_hop.strip() else [None]
+    m = _load(model_dir)
+    torch.set_grad_enabled(False)
+    if hops != [None] and not m.config.act:
+        _fail("--max-hop applies only to models trained with adaptive computation time (armt train --act)")
+    try:
+        check_fits(m, variant)
+    except ValueError as e:
+        _fail(str(e))
     rows = []
-    for hop in hops:
-        start = time.perf_counter()
-        row = ca_accuracy(m, k, variant, samples, split="test", seed=seed, max_hop=hop)
-        row["seconds"] = round(time.perf_counter() - start, 1)
-        rows.append(row)
-        extra = f" mean hops {row['mean_hops']}" if "mean_hops" in row else ""
-        typer.echo(f"ca {variant} k={k} max_hop={hop}: exact {row['accuracy']:.3f} [{row['ci95'][0]:.3f}, "
-                   f"{row['ci95'][1]:.3f}] cells {row['cell_accuracy']:.3f} n={row['samples']}{extra}")
-    out = out or Path(f"runs/eval-ca-k{k}.json")
+    for k in ks:
+        for hop in hops:
+            start = time.perf_counter()
+            row = ca_accuracy(m, k, variant, samples, split="test", seed=seed, max_hop=hop)
+            row["seconds"] = round(time.perf_counter() - start, 1)
+            rows.append(row)
+            extra = f" mean hops {row['mean_hops']}" if "mean_hops" in row else ""
+            typer.echo(f"ca {variant} k={k} max_hop={hop}: exact {row['accuracy']:.3f} [{row['ci95'][0]:.3f}, "
+                       f"{row['ci95'][1]:.3f}] cells {row['cell_accuracy']:.3f} n={row['samples']}{extra}")
+    out = out or Path(f"runs/eval-ca-{variant}" + (f"-k{ks[0]}" if len(ks) == 1 and ks[0] else "") + ".json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": str(model_dir), "rows": rows}, indent=2))
 

@@ -78,6 +78,20 @@ def test_all_states_and_shift_layouts():
     assert sh.ids[210] == shift_token(k) and sh.ids[211:] == orbit(sh.ids[190:210], sh.answer, k + 1)[-1]
 
 
+def test_shift_horizon_is_the_one_asked_for():
+    """The shift variant drew a random k whatever k was asked (a score "at k = 2" mixed all four horizons)."""
+    for k in (1, 2, 3, 4):
+        for seed in range(5):
+            s = ca_sample(random.Random(seed), "test", k=k, variant="shift")
+            assert s.ids[210] == shift_token(k) and s.ids[211:] == orbit(s.ids[190:210], s.answer, k + 1)[-1]
+    drawn = {ca_sample(random.Random(seed), "test", k=None, variant="shift").ids[210] - 105 for seed in range(40)}
+    assert drawn == {1, 2, 3, 4}
+    assert ca_sample(random.Random(0), "test").ids == ca_sample(random.Random(0), "test", k=1).ids  # O-S: k 1
+    for k, variant in ((99, "shift"), (0, "os"), (None, "xx"), (2, "oo"), (True, "os")):
+        with pytest.raises(ValueError):
+            ca_sample(random.Random(0), "test", k=k, variant=variant)
+
+
 def test_splits_are_rule_disjoint_and_deterministic():
     rng = random.Random(0)
     for split in ("train", "validation", "test"):

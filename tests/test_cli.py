@@ -120,6 +120,11 @@ TINY_TEXT = ["--minutes", "1", "--max-steps", "1", "--batch-size", "2", "--aux-b
     (["--probe-layer", "2"], "--probe-layer"),  # a 2-layer model has blocks 0 and 1
     (["--task", "ca", "--ca-variant", "xx"], "--ca-variant"),
     (["--task", "ca", "--ca-k", "9"], "--ca-k"),
+    (["--task", "ca", "--ca-variant", "oo", "--ca-k", "2"], "--ca-k"),  # O-O scores its four states
+    (["--task", "ca", "--act", "--max-hop", "0"], "--max-hop"),
+    (["--act", "--ponder-tau", "-1"], "--ponder-tau"),
+    (["--act", "--ponder-tau", "nan"], "--ponder-tau"),
+    (["--segment-size", "0"], "--segment-size"),
 ])
 def test_bad_training_options_are_clean_errors(tmp_path, args, hint):
     result = CliRunner().invoke(app, ["train", "--out", str(tmp_path / "run"), *TINY_TEXT, *args])
@@ -131,6 +136,34 @@ def test_bad_training_options_are_clean_errors(tmp_path, args, hint):
 def test_bad_eval_options_are_clean_errors(tmp_path, args, hint):
     result = CliRunner().invoke(app, ["eval", "--out", str(tmp_path / "e.json"), *args])
     assert result.exit_code == 2 and hint in result.output, result.output
+
+
+def _ca_model(tmp_path, name: str, *args: str):
+    tiny = ["--task", "ca", "--layers", "2", "--hidden", "32", "--heads", "2", "--ffn", "64", "--num-mem-tokens",
+            "4", "--d-mem", "8", "--batch-size", "2", "--max-steps", "1", "--warmup", "1", "--minutes", "1"]
+    result = CliRunner().invoke(app, ["train", "--out", str(tmp_path / name), *tiny, *args])
+    assert result.exit_code == 0, result.output
+    return str(tmp_path / name / "model")
+
+
+def test_ca_eval_options_are_clean_errors(tmp_path):
+    """Each of these raised a traceback (exit 1), or evaluated the shipped text model on CA, or silently scored a
+    mix of horizons under the k asked for."""
+    plain, act = _ca_model(tmp_path, "plain", "--arch", "plain"), _ca_model(tmp_path, "act", "--act", "--max-hop", "2")
+    runner, out = CliRunner(), ["--samples", "2", "--out", str(tmp_path / "e.json")]
+    for args, hint in ((["--task", "ca", *out], "MODEL_DIR"),
+                       ([act, "--task", "ca", "--ca-k", "7", *out], "--ca-k"),
+                       ([act, "--task", "ca", "--ca-variant", "bogus", *out], "--ca-variant"),
+                       ([plain, "--task", "ca", "--max-hop", "2", *out], "adaptive computation"),
+                       ([plain, "--task", "ca", "--ca-variant", "oo", *out], "does not fit"),
+                       (["--task", "qa1", "--max-hop", "2", *out], "--task ca only")):
+        result = runner.invoke(app, ["eval", *args], env={"COLUMNS": "400"})
+        assert result.exit_code == 2 and hint in result.output, (args, result.output)
+        assert result.exception is None or isinstance(result.exception, SystemExit)
+    shift = runner.invoke(app, ["eval", act, "--task", "ca", "--ca-variant", "shift", "--max-hop", "1,2", *out])
+    assert shift.exit_code == 0, shift.output
+    rows = json.loads((tmp_path / "e.json").read_text())["rows"]
+    assert [(r["k"], r["max_hop"]) for r in rows] == [(k, h) for k in (1, 2, 3, 4) for h in (1, 2)]
 
 
 def test_resume_refuses_a_checkpoint_of_another_run(tmp_path):

@@ -9,7 +9,8 @@ A sample is an orbit of 20 states from a random initial state; the first 10 are 
 k steps after the last given one (k = 1..4, the "depth of reasoning"). Token layout (the paper's ids, vocab 128):
     O-S:   [SEP s0] [SEP s1] ... [SEP s9] [GEN] t          t = s(9 + k), 20 cells
     O-O:   [SEP s0] ... [SEP s9] [GEN] t1 [SEP] t2 [SEP] t3 [SEP] t4     the next 4 states
-    shift: O-S with the shift token for k (106..109) in place of GEN (one model, several horizons)
+    shift: O-S with the shift token for k (106..109) in place of GEN (one model, several horizons: k = None
+           draws k per sample, as training does; a fixed k scores one horizon)
 Every group is 21 tokens, so an ARMT with 21-token segments reads one state per segment. Target cells are fed as
 MASK (no teacher forcing): `Sample.inputs` is what the model reads, `Sample.ids` holds the answers.
 
@@ -76,21 +77,21 @@ def random_rule(rng: random.Random, split: str) -> str:
             return rule
 
 
-def ca_sample(rng: random.Random, split: str = "train", k: int = 1, variant: str = "os",
+def ca_sample(rng: random.Random, split: str = "train", k: int | None = None, variant: str = "os",
               context: bool = False) -> Sample:
     """One sample; `answers` holds one span per target state (one for O-S and shift, four for O-O).
+
+    k: the horizon, 1..4, for O-S and shift; None is the variant's default: 1 for O-S, a random k per sample for
+    shift (drawn from rng). O-O always asks for the next four states and takes k = None only.
 
     context=True (training only) adds, after the target spans, one span per given state s1..s9: each cell of a
     given state predicted from the states before it (teacher-forced, as in language modelling). That is the same
     one-step rule the k = 1 target asks for, seen nine times per orbit instead of once; the paper trains on the
     target alone.
     """
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    if variant == "shift":
+    k = check_k(k, variant)
+    if variant == "shift" and k is None:
         k = rng.randint(1, 4)
-    elif not 1 <= k <= 4:
-        raise ValueError(f"k must be in 1..4, got {k}")
     rule = random_rule(rng, split)
     states = orbit([rng.randrange(2) for _ in range(WIDTH)], rule)
     ids: list[int] = []
@@ -109,6 +110,21 @@ def ca_sample(rng: random.Random, split: str = "train", k: int = 1, variant: str
     if context:  # s_i's cells sit at i * GROUP + 1 .. i * GROUP + WIDTH
         sample.answers += [list(range(i * GROUP + 1, (i + 1) * GROUP)) for i in range(1, GIVEN)]
     return sample
+
+
+def check_k(k: int | None, variant: str) -> int | None:
+    """k as the variant takes it (see ca_sample), None resolved for O-S; ValueError otherwise."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if variant == "oo":
+        if k is not None:
+            raise ValueError(f"the oo variant predicts the next four states; k does not apply (got {k})")
+        return None
+    if k is None:
+        return 1 if variant == "os" else None
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 4:
+        raise ValueError(f"k must be in 1..4, got {k!r}")
+    return k
 
 
 def sequence_length(variant: str) -> int:

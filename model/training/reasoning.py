@@ -12,12 +12,12 @@ import random
 import torch
 
 from ..act import ActStats
-from ..tasks.cellular_automata import EOS, GROUP, PAD, VOCAB, WIDTH, ca_sample, sequence_length
+from ..tasks.cellular_automata import EOS, GROUP, PAD, VOCAB, WIDTH, ca_sample, check_k, sequence_length
 from .batches import Batch, collate
 from .evaluate import wilson
 
 
-def ca_batch(rng: random.Random, batch_size: int, k: int, variant: str, split: str = "train",
+def ca_batch(rng: random.Random, batch_size: int, k: int | None, variant: str, split: str = "train",
              context: bool = False) -> Batch:
     """context: also score the given states (training's --ca-context; see ca_sample)."""
     samples = [ca_sample(rng, split, k, variant, context) for _ in range(batch_size)]
@@ -47,12 +47,16 @@ def new_ca_model(arch: str = "armt", layers: int = 4, hidden: int = 128, heads: 
 
 
 @torch.no_grad()
-def ca_accuracy(model, k: int = 1, variant: str = "os", n_samples: int = 512, split: str = "test", seed: int = 0,
-                batch_size: int = 64, max_hop: int | None = None) -> dict:
+def ca_accuracy(model, k: int | None = None, variant: str = "os", n_samples: int = 512, split: str = "test",
+                seed: int = 0, batch_size: int = 64, max_hop: int | None = None) -> dict:
     """Exact match (all 20 cells of a target state) and cell accuracy on fresh orbits of `split`'s rules.
 
-    O-O scores each of its four horizons separately (`exact_by_horizon`); `exact` is then the first one's.
+    k as ca_sample takes it: shift with k = None scores a random mix of horizons (training's held-out check), a
+    fixed k one horizon. O-O (k = None) scores each of its four horizons separately (`exact_by_horizon`);
+    `exact` is then the first one's.
     """
+    k = check_k(k, variant)
+    check_fits(model, variant)
     rng = random.Random(seed)
     was_training = model.training
     model.eval()
@@ -84,3 +88,11 @@ def ca_accuracy(model, k: int = 1, variant: str = "os", n_samples: int = 512, sp
         row["mean_hops"] = round(stats.mean_hops, 3)
         row["hops_per_layer"] = [round(x, 3) for x in stats.hops_per_layer]
     return row
+
+
+def check_fits(model, variant: str) -> None:
+    """ValueError for a model without memory tokens whose segment is shorter than a sample: its later segments
+    would see none of the given states (a plain model holds the whole sample of the variant it was made for)."""
+    if model.config.num_mem_tokens == 0 and sequence_length(variant) > model.config.segment_size:
+        raise ValueError(f"this model has no memory tokens and {model.config.segment_size}-token segments: a "
+                         f"{variant!r} sample ({sequence_length(variant)} tokens) does not fit in one segment")

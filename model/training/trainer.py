@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ..tasks import Codec
+from ..tasks.cellular_automata import check_k
 from .batches import aux_batch, task_batch
 from .evaluate import accuracy
 from .objective import Probe, losses
@@ -58,7 +59,7 @@ class TrainConfig:
     max_steps: int = 100_000
     seed: int = 0
     checkpoint_every: float = 300.0  # seconds
-    ca_k: int = 1  # task "ca": the state k steps ahead (model/tasks/cellular_automata.py)
+    ca_k: int | None = None  # task "ca": the state k steps ahead (None: the variant's default, see ca_sample)
     ca_variant: str = "os"  # task "ca": os | oo | shift
     ca_context: bool = False  # task "ca": also predict the given states s1..s9 (more signal per orbit)
     ponder_tau: float = 1e-3  # ACT models: weight of the ponder cost (hops + remainder per token)
@@ -66,6 +67,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.stream_max and self.task != "remember":
             raise ValueError(f"memory streams (stream_max) are for task remember, not {self.task}")
+        if self.task == "ca":
+            check_k(self.ca_k, self.ca_variant)
 
 
 @dataclass

@@ -99,7 +99,7 @@ class EngineWorker:
 
     def _end(self, job: GenerateJob, reason: str | None, error: BaseException | None) -> None:
         self.scheduler.finish(job)
-        if job.act_stats is not None and job.act_stats.calls:
+        if job.act_stats is not None and job.act_stats.tokens:
             with self.stats.lock:
                 self.stats.engine.act_hops.observe(job.act_stats.mean_hops)
         if isinstance(error, Cancelled):  # nobody sees an error body for these: count them here
