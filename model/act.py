@@ -25,16 +25,21 @@ class ActStats:
     depend on how the tokens were batched or split into calls)."""
 
     hop_sums: dict[int, float] = field(default_factory=dict)  # layer -> sum over tokens of hops used
+    remainder_sums: dict[int, float] = field(default_factory=dict)  # layer -> sum over tokens of the remainder R
     tokens: dict[int, int] = field(default_factory=dict)  # layer -> tokens counted
     max_hops: int = 0  # most hops any token used
     skip: int = 0  # positions at the start of each call not to count (decode_act's re-run of a counted prefix)
 
-    def add(self, layer: int, n_updates: torch.Tensor) -> None:
-        """n_updates: hops used per token [B, T]."""
+    def add(self, layer: int, n_updates: torch.Tensor, remainder: torch.Tensor | None = None) -> None:
+        """n_updates: hops used per token [B, T]; remainder: the probability each spent at its last hop [B, T]
+        (None: 0, fixed-computation mode)."""
         n_updates = n_updates[..., self.skip :]  # [B, T - skip]
         if n_updates.numel() == 0:
             return
         self.hop_sums[layer] = self.hop_sums.get(layer, 0.0) + float(n_updates.double().sum())
+        if remainder is not None:
+            self.remainder_sums[layer] = (self.remainder_sums.get(layer, 0.0)
+                                          + float(remainder[..., self.skip :].double().sum()))
         self.tokens[layer] = self.tokens.get(layer, 0) + n_updates.numel()
         self.max_hops = max(self.max_hops, int(n_updates.max()))
 
@@ -47,10 +52,18 @@ class ActStats:
         per_layer = self.hops_per_layer
         return sum(per_layer) / len(per_layer) if per_layer else 0.0
 
+    @property
+    def mean_remainder(self) -> float:
+        """The mean remainder R over tokens and layers (Graves' ponder cost is hops + R)."""
+        counted = sum(self.tokens.values())
+        return sum(self.remainder_sums.values()) / counted if counted else 0.0
+
 
 @dataclass
 class ActRun:
-    """The ACT settings of one forward call (config defaults, `max_hop` overridable) and what it collects."""
+    """The ACT settings of one forward call (the config's, each overridable: the inference-time compute knobs of
+    Beyond Memorization, max_hop, the halting threshold 1 - epsilon and fixed-computation mode) and what it
+    collects."""
 
     max_hop: int
     threshold: float
@@ -59,17 +72,25 @@ class ActRun:
     ponder: list[torch.Tensor] | None = None  # training: per layer call, mean N + R over tokens (differentiable)
 
     @classmethod
-    def for_model(cls, config, max_hop: int | None = None, stats: ActStats | None = None,
-                  ponder: bool = False) -> "ActRun | None":
-        """None for models without ACT (then `max_hop` must be None too)."""
+    def for_model(cls, config, max_hop: int | None = None, stats: ActStats | None = None, ponder: bool = False,
+                  threshold: float | None = None, fixed: bool | None = None) -> "ActRun | None":
+        """None for models without ACT (then every override must be None too)."""
         if not config.act:
-            if max_hop is not None:
-                raise ValueError("max_hop applies only to models trained with adaptive computation time (act=true)")
+            for name, value in (("max_hop", max_hop), ("act_threshold", threshold), ("act_fixed", fixed)):
+                if value is not None:
+                    raise ValueError(f"{name} applies only to models trained with adaptive computation time "
+                                     "(act=true)")
             return None
         hops = config.max_hop if max_hop is None else max_hop
         if isinstance(hops, bool) or not isinstance(hops, int) or hops < 1:
             raise ValueError(f"max_hop must be an integer >= 1, got {max_hop!r}")
-        return cls(hops, config.act_threshold, config.act_fixed, stats, [] if ponder else None)
+        threshold = config.act_threshold if threshold is None else threshold
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= 1:
+            raise ValueError(f"act_threshold must be a number in (0, 1], got {threshold!r}")
+        fixed = config.act_fixed if fixed is None else fixed
+        if not isinstance(fixed, bool):
+            raise ValueError(f"act_fixed must be true or false, got {fixed!r}")
+        return cls(hops, float(threshold), fixed, stats, [] if ponder else None)
 
     def ponder_cost(self) -> torch.Tensor:
         return torch.stack(self.ponder).mean() if self.ponder else torch.zeros(())
@@ -113,6 +134,6 @@ def halting_loop(step: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor, 
 
 def _record(run: ActRun, layer: int, n_updates: torch.Tensor, remainder: torch.Tensor) -> None:
     if run.stats is not None:
-        run.stats.add(layer, n_updates.detach())
+        run.stats.add(layer, n_updates.detach(), None if run.fixed else remainder.detach())
     if run.ponder is not None:
         run.ponder.append((n_updates + remainder.to(n_updates.device)).mean())

@@ -83,14 +83,15 @@ class ArmtEngineMixin:
 
     @torch.no_grad()
     def forward_long(self, input_ids: IdsLike, executor: str = "sequential", max_hop: int | None = None,
-                     act_stats: ActStats | None = None):
+                     act_stats: ActStats | None = None, act_threshold: float | None = None,
+                     act_fixed: bool | None = None):
         """Official forward from empty memory: every segment, the short last one too, is read and written.
 
         input_ids [T] or [B, T] -> (logits [B, T, V], state) where state is a MemoryState for B == 1 and a list
-        of MemoryStates (one per row) for B > 1. For ACT models, `max_hop` overrides the configured hop limit
-        and `act_stats` (an ActStats) receives the hops actually used.
+        of MemoryStates (one per row) for B > 1. For ACT models, `max_hop`, `act_threshold` (1 - epsilon) and
+        `act_fixed` override the configured ones and `act_stats` (an ActStats) receives the hops actually used.
         """
-        act = ActRun.for_model(self.config, max_hop, act_stats)
+        act = ActRun.for_model(self.config, max_hop, act_stats, threshold=act_threshold, fixed=act_fixed)
         run = self._executor(executor)
         ids = self.check_ids(input_ids)
         B, T = ids.shape
@@ -171,15 +172,18 @@ class ArmtEngineMixin:
         executor: str = "sequential",
         max_hop: int | None = None,
         act_stats: ActStats | None = None,
+        act_threshold: float | None = None,
+        act_fixed: bool | None = None,
     ) -> Iterator[int]:
         """Yield new token ids one by one for pending tail + prompt; `state` is never modified.
 
         stop_token_ids defaults to the base config's eos_token_id (as HF generate); a stop token is yielded and
-        ends the stream. Greedy unless temperature > 0. ACT models: `max_hop` sets the hop limit of the answer's
-        segment (the final one, read-only, and its new tokens); whole segments of pending + prompt written before it
-        use the configured limit, as `ingest` would. `act_stats` receives the hops used.
+        ends the stream. Greedy unless temperature > 0. ACT models: `max_hop` (and `act_threshold`, `act_fixed`)
+        set the hop limit of the answer's segment (the final one, read-only, and its new tokens); whole segments of
+        pending + prompt written before it use the configured ones, as `ingest` would. `act_stats` receives the
+        hops used.
         """
-        act = ActRun.for_model(self.config, max_hop, act_stats)
+        act = ActRun.for_model(self.config, max_hop, act_stats, threshold=act_threshold, fixed=act_fixed)
         self._executor(executor)  # checked now, not when the returned iterator first runs
         self._check_state(state)
         params = SamplingParams(max_new_tokens, temperature, top_p, self._stop_ids(stop_token_ids), seed)

@@ -246,6 +246,10 @@ def evaluate(
                                         "in turn; oo scores its four states)"),
     ca_variant: str = typer.Option("os", help="task ca: os | oo | shift"),
     max_hop: str = typer.Option("", help="task ca, ACT models: comma-separated max_hop values to compare"),
+    act_threshold: float = typer.Option(None, help="task ca, ACT models: halting threshold 1 - epsilon, in (0, 1] "
+                                                   "(default: the model's)"),
+    act_fixed: bool = typer.Option(None, "--act-fixed/--act-adaptive", help="task ca, ACT models: always run "
+                                   "max_hop hops, or halt adaptively (default: as the model was trained)"),
 ) -> None:
     """Exact-match accuracy against document length, with 95% Wilson intervals; JSON and an optional PNG.
 
@@ -260,10 +264,13 @@ def evaluate(
 
     lengths = _check_eval_options(task, segments, samples, long_samples, split, executor)
     if task == "ca":
-        _eval_ca(model_dir, _ca_ks(model_dir, ca_k, ca_variant), ca_variant, max_hop, samples, seed, out)
+        _eval_ca(model_dir, _ca_ks(model_dir, ca_k, ca_variant), ca_variant, samples, seed, out,
+                 max_hop=max_hop, act_threshold=act_threshold, act_fixed=act_fixed)
         return
-    if max_hop.strip():
-        raise typer.BadParameter("applies to --task ca only", param_hint="--max-hop")
+    for hint, value in (("--max-hop", max_hop.strip() or None), ("--act-threshold", act_threshold),
+                        ("--act-fixed", act_fixed)):
+        if value is not None:
+            raise typer.BadParameter("applies to --task ca only", param_hint=hint)
     m = _load(model_dir or default_model_path())
     torch.set_grad_enabled(False)
     if m.tokenizer is None:
@@ -318,10 +325,12 @@ def _ca_ks(model_dir: Path | None, k: int | None, variant: str) -> list[int | No
     return [_ca_k(k, variant)]
 
 
-def _eval_ca(model_dir: Path, ks: list[int | None], variant: str, max_hop: str, samples: int, seed: int,
-             out: Path | None) -> None:
+def _eval_ca(model_dir: Path, ks: list[int | None], variant: str, samples: int, seed: int, out: Path | None,
+             max_hop: str, **act) -> None:
+    """Rows per horizon and max_hop; act: act_threshold / act_fixed overrides (None: the model's)."""
     import torch
 
+    from model.act import ActRun
     from model.training.reasoning import ca_accuracy, check_fits
 
     from service.cli import _fail, _load
@@ -329,17 +338,19 @@ def _eval_ca(model_dir: Path, ks: list[int | None], variant: str, max_hop: str, 
     hops = list(_ints(max_hop, "--max-hop", low=1)) if max_hop.strip() else [None]
     m = _load(model_dir)
     torch.set_grad_enabled(False)
-    if hops != [None] and not m.config.act:
-        _fail("--max-hop applies only to models trained with adaptive computation time (armt train --act)")
+    if not m.config.act and (hops != [None] or any(v is not None for v in act.values())):
+        _fail("--max-hop, --act-threshold and --act-fixed apply only to models trained with adaptive computation "
+              "time (armt train --act)")
     try:
         check_fits(m, variant)
+        ActRun.for_model(m.config, threshold=act["act_threshold"], fixed=act["act_fixed"])
     except ValueError as e:
         _fail(str(e))
     rows = []
     for k in ks:
         for hop in hops:
             start = time.perf_counter()
-            row = ca_accuracy(m, k, variant, samples, split="test", seed=seed, max_hop=hop)
+            row = ca_accuracy(m, k, variant, samples, split="test", seed=seed, max_hop=hop, **act)
             row["seconds"] = round(time.perf_counter() - start, 1)
             rows.append(row)
             extra = f" mean hops {row['mean_hops']}" if "mean_hops" in row else ""

@@ -175,3 +175,25 @@ def test_answer_hops_count_each_position_once():
         tokens.append(stats.tokens[0])
         assert set(stats.tokens.values()) == {tokens[-1]}  # every layer
     assert tokens[1] == tokens[0] + 3
+
+
+def test_threshold_and_fixed_mode_are_inference_knobs():
+    """Beyond Memorization's test-time compute knobs besides max_hop: epsilon (the threshold 1 - eps) and
+    fixed-computation mode; the stats log the remainders."""
+    plain, act = pair(max_hop=4, bias=torch.logit(torch.tensor(0.4)).item())
+    with torch.no_grad():
+        act.act_w.zero_()  # p = 0.4 at every hop and token
+    for kwargs, hops, remainder in (({}, 3.0, 0.2), ({"act_threshold": 0.5}, 2.0, 0.6),
+                                    ({"act_threshold": 1.0}, 3.0, 0.2), ({"act_fixed": True}, 4.0, 0.0),
+                                    ({"act_fixed": True, "max_hop": 2}, 2.0, 0.0)):
+        stats = ActStats()
+        act.forward_long(ids(25), act_stats=stats, **kwargs)
+        assert stats.mean_hops == pytest.approx(hops) and stats.mean_remainder == pytest.approx(remainder), kwargs
+    stats = ActStats()
+    list(act.generate(act.new_state(), [5, 6, 7], max_new_tokens=2, stop_token_ids=[], act_stats=stats,
+                      act_threshold=0.5))
+    assert stats.mean_hops == pytest.approx(2.0)
+    for model, kwargs in ((plain, {"act_threshold": 0.5}), (plain, {"act_fixed": False}), (act, {"act_threshold": 0}),
+                          (act, {"act_threshold": 1.5}), (act, {"act_fixed": 1})):
+        with pytest.raises(ValueError, match="act_"):
+            model.forward_long(ids(5), **kwargs)

@@ -156,7 +156,10 @@ def test_ca_eval_options_are_clean_errors(tmp_path):
                        ([act, "--task", "ca", "--ca-variant", "bogus", *out], "--ca-variant"),
                        ([plain, "--task", "ca", "--max-hop", "2", *out], "adaptive computation"),
                        ([plain, "--task", "ca", "--ca-variant", "oo", *out], "does not fit"),
-                       (["--task", "qa1", "--max-hop", "2", *out], "--task ca only")):
+                       ([plain, "--task", "ca", "--act-threshold", "0.5", *out], "adaptive computation"),
+                       ([act, "--task", "ca", "--act-threshold", "2", *out], "act_threshold"),
+                       (["--task", "qa1", "--max-hop", "2", *out], "--task ca only"),
+                       (["--task", "qa1", "--act-fixed", *out], "--task ca only")):
         result = runner.invoke(app, ["eval", *args], env={"COLUMNS": "400"})
         assert result.exit_code == 2 and hint in result.output, (args, result.output)
         assert result.exception is None or isinstance(result.exception, SystemExit)
@@ -164,6 +167,11 @@ def test_ca_eval_options_are_clean_errors(tmp_path):
     assert shift.exit_code == 0, shift.output
     rows = json.loads((tmp_path / "e.json").read_text())["rows"]
     assert [(r["k"], r["max_hop"]) for r in rows] == [(k, h) for k in (1, 2, 3, 4) for h in (1, 2)]
+    knobs = runner.invoke(app, ["eval", act, "--task", "ca", "--act-threshold", "0.5", "--act-fixed", *out])
+    assert knobs.exit_code == 0, knobs.output
+    row = json.loads((tmp_path / "e.json").read_text())["rows"][0]
+    assert row["act_threshold"] == 0.5 and row["act_fixed"] is True and row["mean_hops"] == 2.0  # max_hop 2
+    assert row["mean_remainder"] == 0.0
 
 
 def test_resume_refuses_a_checkpoint_of_another_run(tmp_path):

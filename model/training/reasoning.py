@@ -11,7 +11,7 @@ import random
 
 import torch
 
-from ..act import ActStats
+from ..act import ActRun, ActStats
 from ..tasks.cellular_automata import EOS, GROUP, PAD, VOCAB, WIDTH, ca_sample, check_k, sequence_length
 from .batches import Batch, collate
 from .evaluate import wilson
@@ -48,15 +48,18 @@ def new_ca_model(arch: str = "armt", layers: int = 4, hidden: int = 128, heads: 
 
 @torch.no_grad()
 def ca_accuracy(model, k: int | None = None, variant: str = "os", n_samples: int = 512, split: str = "test",
-                seed: int = 0, batch_size: int = 64, max_hop: int | None = None) -> dict:
+                seed: int = 0, batch_size: int = 64, max_hop: int | None = None, act_threshold: float | None = None,
+                act_fixed: bool | None = None) -> dict:
     """Exact match (all 20 cells of a target state) and cell accuracy on fresh orbits of `split`'s rules.
 
     k as ca_sample takes it: shift with k = None scores a random mix of horizons (training's held-out check), a
     fixed k one horizon. O-O (k = None) scores each of its four horizons separately (`exact_by_horizon`);
-    `exact` is then the first one's.
+    `exact` is then the first one's. ACT models: max_hop, act_threshold and act_fixed override the configured
+    ones (model/act.py); the row gets the mean hops per layer and the mean remainder.
     """
     k = check_k(k, variant)
     check_fits(model, variant)
+    ActRun.for_model(model.config, max_hop, threshold=act_threshold, fixed=act_fixed)  # bad overrides: now
     rng = random.Random(seed)
     was_training = model.training
     model.eval()
@@ -66,7 +69,8 @@ def ca_accuracy(model, k: int | None = None, variant: str = "os", n_samples: int
     while done < n_samples:
         b = min(batch_size, n_samples - done)
         batch = ca_batch(rng, b, k, variant, split)
-        logits, _ = model.forward_long(batch.inputs.to(model.device), max_hop=max_hop, act_stats=stats)
+        logits, _ = model.forward_long(batch.inputs.to(model.device), max_hop=max_hop, act_stats=stats,
+                                       act_threshold=act_threshold, act_fixed=act_fixed)
         pred = logits.argmax(-1).reshape(-1).cpu()  # [B * T]: position p predicts token p + 1
         hit = pred[batch.answer_pos - 1] == batch.ids.reshape(-1)[batch.answer_pos]  # [N]
         per_state = hit.reshape(-1, WIDTH).all(-1).reshape(b, -1)  # [B, states per sample]
@@ -81,12 +85,13 @@ def ca_accuracy(model, k: int | None = None, variant: str = "os", n_samples: int
     lo, hi = wilson(exact, done)
     row = {"task": "ca", "variant": variant, "k": k, "split": split, "samples": done, "correct": exact,
            "accuracy": exact / done, "ci95": [round(lo, 4), round(hi, 4)], "cell_accuracy": cells / (done * WIDTH),
-           "max_hop": max_hop}
+           "max_hop": max_hop, "act_threshold": act_threshold, "act_fixed": act_fixed}
     if variant == "oo":
         row["exact_by_horizon"] = [c / done for c in per_horizon]
     if stats is not None:
         row["mean_hops"] = round(stats.mean_hops, 3)
         row["hops_per_layer"] = [round(x, 3) for x in stats.hops_per_layer]
+        row["mean_remainder"] = round(stats.mean_remainder, 4)
     return row
 
 
