@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Issue 3's GPU measurements, prepared for the day a GPU is lent: one call of the device tool, about 6-8 minutes on
-# an H200. Its image has torch 2.11 and typer but transformers 5.17 (this project needs >= 5.20), so first, here:
+# Issue 3's GPU measurements, prepared for the day a GPU is lent: one call of the device tool, 4-5 minutes of
+# commands on an H200 by a review's estimate (the parts' limits add up to 7), leaving device time for a rerun. Its
+# image has torch 2.11 and typer but transformers 5.17 (this project needs >= 5.20), so first, here:
 #     bash bench/gpu_wheels.sh                                  (the transformers wheel into .whl/, git-ignored)
-#     run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=590)
+#     run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=450)
 #                                                   -> $OUT/gpu.log, $OUT/llama-1b.json, $OUT/small.json
 # 1. the CUDA tests: diagonal on the GPU (fp32, bf16) against the CPU sequential executor; CUDA graphs == eager
 # 2. a Llama-3.2-1B-shaped model (random weights), bf16, segments of 1024 + 128 memory tokens: sequential vs
@@ -23,7 +24,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
     fi
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-    timeout 120 "$PY" -m pytest -q -p no:cacheprovider -o addopts="" tests/test_diagonal.py tests/test_training.py -k cuda
-    timeout 290 "$PY" -m bench.gpu_runs llama-1b "$OUT"  # the runs' settings: bench/gpu_runs.py
-    timeout 110 "$PY" -m bench.gpu_runs small "$OUT"
+    timeout 90 "$PY" -m pytest -q -p no:cacheprovider -o addopts="" tests/test_diagonal.py tests/test_training.py -k cuda
+    timeout 240 "$PY" -m bench.gpu_runs llama-1b "$OUT"  # the runs' settings: bench/gpu_runs.py
+    timeout 90 "$PY" -m bench.gpu_runs small "$OUT"
 } 2>&1 | tee "$OUT/gpu.log"

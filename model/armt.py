@@ -71,7 +71,8 @@ class ArmtModel(ArmtEngineMixin, nn.Module):
         d = self.base.d_model
         bound = 1 / math.sqrt(d)  # nn.Linear's default uniform bound for fan_in = d
         with torch.no_grad():
-            std = self.base.hf.get_input_embeddings().weight.float().std()
+            std = self.base.hf.get_input_embeddings().weight.float().std().item()  # a float: noise is drawn on
+            # the CPU (a CPU generator), then copied to the model's device
             self.memory.copy_(torch.randn(self.memory.shape, generator=generator) * std)
             for p in (self.W_mq, self.W_mk, self.W_mb, self.b_mb):
                 p.copy_(torch.rand(p.shape, generator=generator) * 2 * bound - bound)
@@ -105,6 +106,12 @@ class ArmtModel(ArmtEngineMixin, nn.Module):
 
         build = lambda: BlockGraphs(self.stacked_blocks(), pipeline_rope(self, lanes, width))  # noqa: E731
         return self._derived(("graphs", lanes, width), list(self.base.blocks.parameters()), build)
+
+    def drop_block_graphs(self) -> None:
+        """Forget the captured CUDA graphs (and the memory they set aside); the next diagonal step captures again."""
+        cache = self.__dict__.get("_derived_cache", {})
+        for name in [n for n in cache if isinstance(n, tuple) and n[0] == "graphs"]:
+            del cache[name]
 
     def fused_write(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The write's three projections (W_mk, W_mv, W_mb + b_mb) as one batched matmul for the diagonal

@@ -6,6 +6,7 @@ Random weights (speed does not depend on training); W_mv non-zero so the memory 
 """
 from __future__ import annotations
 
+import gc
 import json
 import platform
 import resource
@@ -118,7 +119,7 @@ def measure_length(model: ArmtModel, n_segments: int, repeats: int, with_base: b
     row = {"segments": n_segments, "tokens": T}
     row.update({f"{name}_s": t for name, t in timed(fns, model.device, repeats).items()})
     if model.device.type == "cuda":
-        row.update({f"{name}_cuda_peak_bytes": b for name, b in cuda_peaks(fns).items()})
+        row.update({f"{name}_cuda_peak_bytes": b for name, b in cuda_peaks(fns, model).items()})
     for key in [k for k in row if k.endswith("_s")]:
         row[key[:-2] + "_tok_per_s"] = T / row[key]
     row["diagonal_over_sequential"] = row["sequential_s"] / row["diagonal_s"]
@@ -176,10 +177,17 @@ def bf16_drift(preset: str, device, n_segments: int) -> dict:
             "memory_A_relative": ((state.A.float() - ref_state.A).norm() / ref_state.A.norm()).item()}
 
 
-def cuda_peaks(fns: dict) -> dict:
-    """Per path, the most CUDA memory it held beyond what was allocated before it ran (weights, inputs)."""
+def cuda_peaks(fns: dict, model: ArmtModel | None = None) -> dict:
+    """Per path, the most CUDA memory it held beyond what was allocated before it ran (weights, inputs).
+
+    The model's CUDA graphs are dropped before each path, so that a path using them captures them inside the
+    measurement: a replay allocates nothing (its memory was set aside at capture, in the timed warm-up), so the
+    allocator would otherwise see only the eager part of a graphed step."""
     peaks = {}
     for name, fn in fns.items():
+        if model is not None:
+            model.drop_block_graphs()
+            gc.collect()  # the dropped graphs' pool goes back before `before` is read
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
