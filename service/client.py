@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -97,11 +98,28 @@ class ArmtClient:
             if response.status_code >= 400:
                 response.read()
                 self._json(response)
-            for name, data in parse_sse(response.iter_lines()):
+            for name, data in parse_sse(sse_lines(response.iter_text())):
                 event = {"event": name or "message", **json.loads(data)}
                 if name == "error":
                     raise ArmtHTTPError(500, event)
                 yield event
+
+
+_SSE_BREAK = re.compile(r"\r\n|\r|\n")
+
+
+def sse_lines(chunks: Iterator[str]) -> Iterator[str]:
+    """Lines of an event stream, broken at CR LF, CR or LF only (SSE's rule): httpx's iter_lines also breaks at
+    U+0085, U+2028 and U+2029, which may stand unescaped in a JSON string of the data."""
+    buf = ""
+    for chunk in chunks:
+        buf += chunk
+        held = "\r" if buf.endswith("\r") else ""  # its LF may come with the next chunk
+        lines = _SSE_BREAK.split(buf[: len(buf) - len(held)])
+        buf = lines.pop() + held  # the unfinished last line
+        yield from lines
+    if buf:
+        yield buf.removesuffix("\r")
 
 
 def parse_sse(lines: Iterator[str]) -> Iterator[tuple[str | None, str]]:

@@ -376,3 +376,49 @@ def test_a_tenant_holds_at_most_its_session_quota(tiny_model_dir, tmp_path):
         new(client)  # room again
     finally:
         client.__exit__(None, None, None)
+
+
+def test_line_like_characters_stay_inside_an_event():
+    """U+2028, U+2029 and U+0085 went out raw in the JSON of an event; httpx's iter_lines (the project's client)
+    breaks lines there, so ask_stream failed on such an answer. The server escapes them, and the client breaks
+    lines only where SSE does."""
+    import asyncio
+
+    from service.client import sse_lines
+    from service.core.types import AnswerDone, TextDelta
+    from service.http.routes.ask import sse_events
+
+    text = "line\u2028sep\u2029x\x85y"
+
+    async def events():
+        yield TextDelta(text)
+        yield AnswerDone(text, "stop", 3, 4)
+
+    async def render():
+        return [event async for event in sse_events(events())]
+
+    sent = asyncio.run(render())
+    assert not any(ch in e["data"] for e in sent for ch in "\u2028\u2029\x85")
+    assert json.loads(sent[0]["data"])["text"] == text == json.loads(sent[1]["data"])["answer"]
+    raw = f'event: token\r\ndata: {json.dumps({"text": text}, ensure_ascii=False)}\r\n\r\n: ping\r\n\r\n' \
+          f'event: done\ndata: {json.dumps({"answer": text}, ensure_ascii=False)}\n\n'  # an unescaping server
+    for cuts in ([], [len(raw) // 3, len(raw) // 2], list(range(1, len(raw)))):  # chunks cut anywhere, "\r|\n" too
+        chunks = [raw[a:b] for a, b in zip([0, *cuts], [*cuts, len(raw)])]
+        events_ = list(parse_sse(sse_lines(iter(chunks))))
+        assert [n for n, _ in events_] == ["token", "done"]
+        assert json.loads(events_[0][1])["text"] == text == json.loads(events_[1][1])["answer"]
+
+
+def test_openai_features_the_server_lacks_are_refused(c):
+    """They were accepted and ignored: a client asking for log-probabilities or tools got an answer without them."""
+    sid = new(c)
+    append(c, sid, 0, document(300).encode())
+    body = {"session_id": sid, "max_tokens": 2, "messages": [{"role": "user", "content": "Who?"}]}
+    for extra in ({"logprobs": True}, {"top_logprobs": 2}, {"tools": [{"type": "function"}]},
+                  {"response_format": {"type": "json_object"}}, {"presence_penalty": 0.5}, {"logit_bias": {"5": 1}},
+                  {"stream_options": {"include_usage": True}}):
+        error = assert_error(c.post("/v1/chat/completions", json={**body, **extra}), 422, "invalid_request")
+        assert next(iter(extra)) in error["message"], error
+    neutral = {"logprobs": False, "top_logprobs": 0, "tools": [], "presence_penalty": 0, "frequency_penalty": 0.0,
+               "response_format": {"type": "text"}, "user": "anyone", "parallel_tool_calls": True}
+    assert c.post("/v1/chat/completions", json={**body, **neutral}).status_code == 200

@@ -122,3 +122,56 @@ def test_answer_ends_at_the_stop_string_that_appears_first_whatever_its_place_in
         if answer.stopped:
             break
     assert answer.stopped and sent + answer.flush() == "xx " == answer.text
+
+
+def _answer(stop: tuple[str, ...], text: bytes) -> tuple[ts.AnswerText, list[str]]:
+    """Feed byte tokens until a stop string ends the answer; the deltas include flush()'s."""
+    answer = ts.AnswerText(FakeTokenizer(), stop)
+    deltas = []
+    for b in text:
+        deltas.append(answer.add(b))
+        if answer.stopped:
+            break
+    return answer, deltas + [answer.flush()]
+
+
+class PieceTokenizer:
+    """Token i = PIECES[i], several bytes each, as BPE tokens are."""
+
+    PIECES = [b"Paris", b'"\xe2\x80']  # the default tokenizer has '"' + 2 bytes of a curly quote as one token
+
+    def decode(self, ids):
+        return b"".join(self.PIECES[i] for i in ids).decode("utf-8", errors="replace")
+
+
+def test_a_stop_string_in_a_token_that_ends_inside_a_character_is_found():
+    """The stop string waited for the character to complete; when decoding ended first (end-of-text, length), the
+    answer kept 'Paris"\\ufffd'. Now it ends the answer at that token."""
+    answer = ts.AnswerText(PieceTokenizer(), ('"',))
+    sent = answer.add(0) + answer.add(1)
+    assert answer.stopped and answer.text == "Paris" == sent + answer.flush()
+
+
+def test_a_length_cut_inside_a_character_drops_it():
+    answer, deltas = _answer((), "caf\u00e9".encode()[:-1])
+    assert not answer.stopped and "".join(deltas) == "caf" == answer.text
+
+
+@pytest.mark.parametrize("text, stop, expected, stopped", [
+    ("\nkitchen\nfoo", ("\n",), "", True),  # a stop string at the very start: an empty answer (leading \n kept)
+    (" garden now", (" garden",), "garden now", False),  # the joining space is not part of the answer
+    ("  garden", (" garden",), "", True),  # only one space is removed
+    (" hello", (), "hello", False),
+])
+def test_only_the_joining_space_is_removed_before_stop_strings_are_searched(text, stop, expected, stopped):
+    answer, deltas = _answer(stop, text.encode())
+    assert answer.text == expected == "".join(deltas) and answer.stopped == stopped
+
+
+def test_only_text_that_could_start_a_stop_string_waits():
+    """All text waited for max(len(stop)) - 1 characters: with a 40-character stop string, the whole answer came at
+    the end."""
+    answer = ts.AnswerText(FakeTokenizer(), ("Z" * 40, "ab!"))
+    sent = [answer.add(b) for b in b"hello worlda"]
+    assert "".join(sent) == "hello world"  # the final "a" may start "ab!"
+    assert sent[4] == "o" and answer.flush() == "a"

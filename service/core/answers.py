@@ -51,7 +51,8 @@ class AnswerRun:
         if tail:
             self._put(TextDelta(tail))
         hops = round(self.act_stats.mean_hops, 3) if self.act_stats is not None else None
-        self._put(AnswerDone(self.text.text, reason or "stop", self.prompt_tokens, len(self.text.ids), hops))
+        reason = "stop" if self.text.stopped else reason or "stop"  # a stop string may complete only in flush
+        self._put(AnswerDone(self.text.text, reason, self.prompt_tokens, len(self.text.ids), hops))
         self._put(_END)
 
     async def events(self) -> AsyncIterator[TextDelta | AnswerDone]:

@@ -85,10 +85,12 @@ class ReadyText:
 
 
 class AnswerText:
-    """Token ids -> text deltas: never splits a UTF-8 character, trims at the first stop string, drops the
-    leading whitespace (a byte-level model's answer starts with the space that follows the question).
+    """Token ids -> text deltas: never splits a UTF-8 character, trims at the first stop string, drops the one
+    space that joins a byte-level model's answer to the question.
 
-    Runs on the engine worker's thread through a callback, so a stop string ends decoding at once.
+    Runs on the engine worker's thread through a callback, so a stop string ends decoding at once. Stop strings are
+    searched in the answer as the client gets it (after that one space, before anything else is removed), so a stop
+    string at the very start gives an empty answer, as OpenAI's API does.
     """
 
     def __init__(self, tokenizer, stop: tuple[str, ...]) -> None:
@@ -98,21 +100,14 @@ class AnswerText:
         self.emitted = ""  # text already sent
         self.text = ""  # the answer so far (trimmed at a stop string once one is found)
         self.stopped = False
-        self._hold = max((len(s) for s in self.stop), default=1) - 1  # a stop string may still be forming
 
     def add(self, token_id: int) -> str:
         """Feed one generated token; returns the new text that is safe to send (maybe empty)."""
         self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids).lstrip()  # the space that joined the answer to the question
-        if text.endswith("\ufffd"):  # the last character's bytes are not all there yet
-            return ""
-        self.text = text
-        # the answer ends where a stop string first appears in it, whichever string that is
-        hits = [i for s in self.stop if (i := text.find(s, max(0, len(self.emitted) - len(s)))) >= 0]
-        if hits:
-            self.text, self.stopped = text[: min(hits)], True
+        text = self._decoded()
+        if self._trim_at_stop(text):
             return self.flush()
-        safe = len(text) - self._hold
+        safe = len(text) - self._stop_prefix(text)
         if safe <= len(self.emitted):
             return ""
         delta = text[len(self.emitted) : safe]
@@ -120,9 +115,29 @@ class AnswerText:
         return delta
 
     def flush(self) -> str:
-        """The rest of the answer at the end of decoding."""
+        """The rest of the answer at the end of decoding (a character cut short by the end is dropped)."""
         if not self.stopped:
-            self.text = self.tokenizer.decode(self.ids).lstrip()
+            self._trim_at_stop(self._decoded())
         delta = self.text[len(self.emitted) :]
         self.emitted = self.text
         return delta
+
+    def _decoded(self) -> str:
+        """The answer's text so far, without a last character whose bytes are not all there yet."""
+        text = self.tokenizer.decode(self.ids).removeprefix(" ")  # the space that joined it to the question
+        return text[:-1] if text.endswith("\ufffd") else text
+
+    def _trim_at_stop(self, text: str) -> bool:
+        """self.text = text, cut where a stop string first appears in it, whichever string that is (True then).
+        Only the text not sent yet, and a stop string's length before it, can hold a new occurrence."""
+        hits = [i for s in self.stop if (i := text.find(s, max(0, len(self.emitted) - len(s)))) >= 0]
+        self.text = text[: min(hits)] if hits else text
+        self.stopped = self.stopped or bool(hits)
+        return bool(hits)
+
+    def _stop_prefix(self, text: str) -> int:
+        """How many characters at the end of text could be the start of a stop string (they wait)."""
+        for n in range(min(len(text), max((len(s) for s in self.stop), default=1) - 1), 0, -1):
+            if any(s.startswith(text[-n:]) for s in self.stop):
+                return n
+        return 0

@@ -79,7 +79,11 @@ class EngineWorker:
             log.exception("decode failed")
             return self._end(job, None, e)
         self._record_token(job)
-        keep_going = job.on_token(token)
+        try:
+            keep_going = job.on_token(token)
+        except Exception as e:  # a bug in the answer's text handling: that answer fails, not the round
+            log.exception("answer callback failed")
+            return self._end(job, None, e)
         if token in self.stop_ids or not keep_going:
             self._end(job, "stop", None)
         elif job.generated >= job.max_new_tokens:
@@ -105,7 +109,10 @@ class EngineWorker:
         if isinstance(error, Cancelled):  # nobody sees an error body for these: count them here
             self.stats.fail(error.code)
         if job.iterator is not None:
-            job.iterator.close()
+            try:
+                job.iterator.close()
+            except Exception:  # on_done must still run, or the request would wait forever
+                log.exception("closing an answer's generator failed")
         try:
             job.on_done(reason, error)
         except Exception:

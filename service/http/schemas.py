@@ -4,7 +4,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from service.core.sessions import MAX_HOP_LIMIT
 from service.core.types import NON_BLANK, AnswerDone, AppendResult, SessionMeta
@@ -161,6 +161,27 @@ class ChatIn(BaseModel):
     stream_options: StreamOptions | None = None
     seed: Seed | None = None
     n: json_int(ge=1, le=1) | None = 1
+
+    @model_validator(mode="after")
+    def _refuse_what_is_not_served(self) -> "ChatIn":
+        """Other fields are ignored, but not OpenAI features that would change the answer or its shape: a client
+        asking for log-probabilities, tools, JSON output or penalties gets a 422 rather than an answer without them."""
+        for name, value in (self.model_extra or {}).items():
+            if name in NOT_SERVED and value not in NOT_SERVED[name]:
+                raise ValueError(f"{name} is not supported by this server (only plain text answers)")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed with stream: true")
+        return self
+
+
+# OpenAI chat fields this server does not implement -> the values that ask for nothing (accepted)
+NOT_SERVED = {
+    "logprobs": (None, False), "top_logprobs": (None, 0), "logit_bias": (None, {}),
+    "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
+    "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
+    "response_format": (None, {"type": "text"}), "audio": (None,), "modalities": (None, ["text"]),
+    "prediction": (None,),
+}
 
 
 def stop_tuple(stop: Stop) -> tuple[str, ...]:

@@ -8,6 +8,7 @@ error event (code `shutting_down`) and a properly closed response, so that a cli
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Callable
 
 import anyio
@@ -15,6 +16,16 @@ from sse_starlette import EventSourceResponse
 
 from service.core.errors import ShuttingDown
 from service.settings import Settings
+
+
+# Characters that many line readers (Python's str.splitlines, httpx's iter_lines) take for line breaks, though SSE
+# breaks lines only at CR and LF: escaped in JSON, so that an event's data stays one line for every client.
+_LINE_LIKE = {ord("\x85"): "\\u0085", ord("\u2028"): "\\u2028", ord("\u2029"): "\\u2029"}
+
+
+def sse_json(value) -> str:
+    """value as compact-enough JSON for an SSE data line: UTF-8 text kept, the line-like characters escaped."""
+    return json.dumps(value, ensure_ascii=False).translate(_LINE_LIKE)
 
 
 def event_stream(render: Callable[[AsyncIterator], AsyncIterator[dict]], events: AsyncIterator,

@@ -20,7 +20,7 @@ from service.http.deps import V1_CHECKS, SessionId, Sessions, Tenant, get_settin
 from service.http.errors import error_event
 from service.http.openapi import JSON_BODY, V1, error_responses
 from service.http.schemas import AskIn, AskOut, stop_tuple
-from service.http.streams import event_stream
+from service.http.streams import event_stream, sse_json
 from service.settings import Settings
 
 router = APIRouter(prefix="/v1/sessions", tags=["ask"], dependencies=V1_CHECKS)
@@ -50,9 +50,9 @@ async def sse_events(events: AsyncIterator) -> AsyncIterator[dict]:
     try:
         async for event in events:
             if isinstance(event, TextDelta):
-                yield {"event": "token", "data": json.dumps({"text": event.text}, ensure_ascii=False)}
+                yield {"event": "token", "data": sse_json({"text": event.text})}
             elif isinstance(event, AnswerDone):
-                yield {"event": "done", "data": AskOut.of(event).model_dump_json()}
+                yield {"event": "done", "data": sse_json(AskOut.of(event).model_dump(mode="json"))}
     except Exception as exc:  # after the 200 went out an error can only be an event
         yield {"event": "error", "data": json.dumps(error_event(exc))}
     finally:

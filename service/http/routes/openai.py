@@ -20,7 +20,7 @@ from service.http.deps import V1_CHECKS, Sessions, Tenant, get_settings
 from service.http.errors import error_event
 from service.http.openapi import JSON_BODY, V1, error_responses
 from service.http.schemas import ChatIn, stop_tuple
-from service.http.streams import event_stream
+from service.http.streams import event_stream, sse_json
 from service.settings import Settings
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=V1_CHECKS)
@@ -78,7 +78,7 @@ def _chunk(meta: dict, delta: dict, finish_reason: str | None = None, usage: dic
     chunk = {**meta, "object": "chat.completion.chunk", "choices": choices}
     if usage is not None:
         chunk["usage"] = usage
-    return {"data": json.dumps(chunk, ensure_ascii=False)}
+    return {"data": sse_json(chunk)}
 
 
 async def _chunks(events: AsyncIterator, meta: dict, include_usage: bool) -> AsyncIterator[dict]:
