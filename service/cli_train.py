@@ -272,12 +272,12 @@ def evaluate(
         if value is not None:
             raise typer.BadParameter("applies to --task ca only", param_hint=hint)
     m = _load(model_dir or default_model_path())
-    torch.set_grad_enabled(False)
     if m.tokenizer is None:
         _fail("the model has no tokenizer.json")
     codec, label = Codec(m.tokenizer), task if memory else f"{task} (no memory)"
-    rows = [_qa_row(m, codec, task, n, samples if n <= 256 else long_samples, label, split=split,
-                    seed=seed + n, batch_size=batch_size, executor=executor, memory=memory) for n in lengths]
+    with torch.no_grad():  # not set_grad_enabled: the command also runs in-process (tests, notebooks)
+        rows = [_qa_row(m, codec, task, n, samples if n <= 256 else long_samples, label, split=split,
+                        seed=seed + n, batch_size=batch_size, executor=executor, memory=memory) for n in lengths]
     out = out or Path(f"runs/eval-{task}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": str(model_dir or default_model_path()), "split": split, "rows": rows},
@@ -328,8 +328,6 @@ def _ca_ks(model_dir: Path | None, k: int | None, variant: str) -> list[int | No
 def _eval_ca(model_dir: Path, ks: list[int | None], variant: str, samples: int, seed: int, out: Path | None,
              max_hop: str, **act) -> None:
     """Rows per horizon and max_hop; act: act_threshold / act_fixed overrides (None: the model's)."""
-    import torch
-
     from model.act import ActRun
     from model.training.reasoning import ca_accuracy, check_fits
 
@@ -337,7 +335,6 @@ def _eval_ca(model_dir: Path, ks: list[int | None], variant: str, samples: int, 
 
     hops = list(_ints(max_hop, "--max-hop", low=1)) if max_hop.strip() else [None]
     m = _load(model_dir)
-    torch.set_grad_enabled(False)
     if not m.config.act and (hops != [None] or any(v is not None for v in act.values())):
         _fail("--max-hop, --act-threshold and --act-fixed apply only to models trained with adaptive computation "
               "time (armt train --act)")

@@ -172,6 +172,7 @@ def test_ca_eval_options_are_clean_errors(tmp_path):
     row = json.loads((tmp_path / "e.json").read_text())["rows"][0]
     assert row["act_threshold"] == 0.5 and row["act_fixed"] is True and row["mean_hops"] == 2.0  # max_hop 2
     assert row["mean_remainder"] == 0.0
+    assert torch.is_grad_enabled()  # eval ran in this process: it must not leave autograd off for what follows
 
 
 def test_resume_refuses_a_checkpoint_of_another_run(tmp_path):

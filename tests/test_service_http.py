@@ -422,3 +422,6 @@ def test_openai_features_the_server_lacks_are_refused(c):
     neutral = {"logprobs": False, "top_logprobs": 0, "tools": [], "presence_penalty": 0, "frequency_penalty": 0.0,
                "response_format": {"type": "text"}, "user": "anyone", "parallel_tool_calls": True}
     assert c.post("/v1/chat/completions", json={**body, **neutral}).status_code == 200
+    sampled = {**body, "temperature": 1.5, "seed": 3, "max_tokens": 6}
+    greedy = c.post("/v1/chat/completions", json={**body, "max_tokens": 6}).json()["choices"][0]["message"]
+    assert c.post("/v1/chat/completions", json={**sampled, "top_p": 0}).json()["choices"][0]["message"] == greedy

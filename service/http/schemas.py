@@ -155,7 +155,7 @@ class ChatIn(BaseModel):
     max_completion_tokens: TokenLimit | None = None
     # OpenAI takes null for every optional field (some clients send it): null means the default
     temperature: float | None = Field(0.0, ge=0, allow_inf_nan=False)
-    top_p: float | None = Field(1.0, gt=0, le=1)
+    top_p: float | None = Field(1.0, ge=0, le=1)  # 0 (OpenAI allows it): greedy
     stop: Stop = STOP
     stream: bool | None = False
     stream_options: StreamOptions | None = None

@@ -46,9 +46,12 @@ def _params(body: ChatIn, settings: Settings) -> AskParams:
                          if (value := getattr(body, name)) is not None), (None, settings.default_max_new_tokens))
     if field is not None and limit > settings.max_new_tokens_limit:
         raise InvalidRequest(f"{field} must be at most {settings.max_new_tokens_limit}, got {limit}")
-    return AskParams(question=questions[-1], max_new_tokens=limit,
-                     temperature=0.0 if body.temperature is None else body.temperature,
-                     top_p=1.0 if body.top_p is None else body.top_p, stop=stop_tuple(body.stop), seed=body.seed)
+    temperature = 0.0 if body.temperature is None else body.temperature
+    top_p = 1.0 if body.top_p is None else body.top_p
+    if top_p == 0:  # OpenAI takes 0: a nucleus of the top token alone, which is greedy decoding
+        temperature, top_p = 0.0, 1.0
+    return AskParams(question=questions[-1], max_new_tokens=limit, temperature=temperature, top_p=top_p,
+                     stop=stop_tuple(body.stop), seed=body.seed)
 
 
 @router.post("/chat/completions", responses={
