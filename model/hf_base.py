@@ -110,6 +110,12 @@ class BaseAdapter(nn.Module):
     def n_layers(self) -> int:
         return len(self.blocks)
 
+    def rope_depends_on_length(self, n: int) -> bool:
+        """Whether a call over positions 0..n-1 rotates differently from a shorter one: HF's dynamic RoPE rescales
+        its frequencies for calls longer than the original context (and keeps them for the next calls)."""
+        rotary = self._rotary()
+        return getattr(rotary, "rope_type", None) == "dynamic" and n > rotary.original_max_seq_len
+
     @property
     def max_positions(self) -> int | None:
         """Hard limit of the position table (GPT-2); None for rotary bases."""

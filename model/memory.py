@@ -33,12 +33,13 @@ def dpfp(x: torch.Tensor, nu: int = 3) -> torch.Tensor:
 
     x' = [relu(x), relu(-x)];  phi = concat_{j=1..nu} (x' * roll(x', j)) along the last dim.
     Each roll is a window of [x', x'] (few kernels matter: this runs before and after every layer; the windows
-    stacked in one copy are 1.5-2x faster on a CPU than one index_select gathering the rolls).
+    stacked in one copy are 1.5-2x faster on a CPU than one index_select gathering the rolls); a roll by j >= n
+    (d_mem = 1) is the roll by j mod n.
     """
     xp = torch.cat([x, -x], dim=-1).clamp_min(0)  # [..., n], n = 2d: [relu(x), relu(-x)]
     n = xp.shape[-1]
     xx = torch.cat([xp, xp], dim=-1)  # [..., 2n]: xx[n - j + i] = x'[(i - j) mod n] = roll(x', j)[i]
-    rolled = torch.stack([xx[..., n - j : 2 * n - j] for j in range(1, nu + 1)], dim=-2)  # [..., nu, n]
+    rolled = torch.stack([xx[..., n - j % n : 2 * n - j % n] for j in range(1, nu + 1)], dim=-2)  # [..., nu, n]
     return (rolled * xp.unsqueeze(-2)).flatten(-2)  # [..., nu * n]
 
 

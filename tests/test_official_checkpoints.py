@@ -278,3 +278,28 @@ def test_lora_on_the_head_of_a_tied_model_unties_it(tmp_path):
     model.save_pretrained(tmp_path / "saved")  # and it stays untied through the project format
     assert_close(ArmtModel.from_pretrained(tmp_path / "saved").forward_long(ids)[0], ref.forward_long(ids),
                  atol=1e-5, rtol=1e-5)
+
+
+def test_d_mem_one_matches_the_reference(kind, tmp_path):
+    """DPFP-3 of a 1-dimensional key rolls 2 features by 3 (mod 2): both executors failed on the empty window."""
+    ref = build_reference(kind, d_mem=1)
+    model = ArmtModel.from_pretrained(write_official(ref, tmp_path))
+    ids = _ids(35)
+    expected = ref.forward_long(ids)
+    for executor in ("sequential", "diagonal"):
+        assert_close(model.forward_long(ids, executor=executor)[0], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_dynamic_rope_longer_than_its_context_is_refused_by_the_diagonal_executor(tmp_path):
+    """Dynamic RoPE rotates a call by its length: the diagonal executor's one table for every cell would rotate a
+    short last segment like a full one (1.5e-4 off the reference); it says so instead."""
+    rope = {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0}
+    ref = build_reference("llama", max_position_embeddings=8, rope_parameters=rope)  # 10 + 4 memory > 8
+    model = ArmtModel.from_pretrained(write_official(ref, tmp_path))
+    ids = _ids(13)
+    assert_close(model.forward_long(ids, executor="sequential")[0], ref.forward_long(ids), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="dynamic RoPE"):
+        model.forward_long(ids, executor="diagonal")
+    short = build_reference("llama", max_position_embeddings=64, rope_parameters=rope)  # fits: no rescaling
+    model = ArmtModel.from_pretrained(write_official(short, tmp_path / "short"))
+    assert_close(model.forward_long(ids, executor="diagonal")[0], short.forward_long(ids), atol=1e-5, rtol=1e-5)

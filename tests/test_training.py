@@ -159,3 +159,16 @@ def test_a_resumed_run_logs_each_step_once(tmp_path):
         f.write('{"step": 7, "lo')  # a crash mid-row
     write_log(path, after_step=6)({"step": 7, "loss": 0.1})
     assert [json.loads(row)["step"] for row in path.read_text().splitlines()] == [1, 2, 3, 4, 5, 6, 7]
+
+
+def test_resume_ignores_the_ca_options_of_a_text_run(tokenizer, tmp_path):
+    """A text run's checkpoint holds ca_k 1 (the old default; now None): it still resumes. A CA run's does not."""
+    from dataclasses import asdict
+
+    trainer = Trainer(tiny(tokenizer), Codec(tokenizer), config(), tmp_path)
+    trainer._check_same_run({**asdict(trainer.cfg), "ca_k": 1, "ca_variant": "oo"})
+    with pytest.raises(ValueError, match="lr"):
+        trainer._check_same_run({**asdict(trainer.cfg), "lr": 1.0})
+    trainer.cfg = config(task="ca", ca_k=2)
+    with pytest.raises(ValueError, match="ca_k"):
+        trainer._check_same_run({**asdict(trainer.cfg), "ca_k": 1})

@@ -250,6 +250,8 @@ class Trainer:
         """A checkpoint continues the run that wrote it: only the time and step budgets may change on resume."""
         now, saved = json.loads(json.dumps(asdict(self.cfg))), json.loads(json.dumps(saved))  # tuples == lists
         budget = {"minutes", "max_steps", "checkpoint_every"}
+        if now["task"] != "ca":  # the CA options do not apply (and their defaults changed once)
+            budget |= {k for k in now if k.startswith("ca_")}
         changed = sorted(k for k in now.keys() - budget if k in saved and saved[k] != now[k])
         if changed:
             diff = ", ".join(f"{k} {saved[k]!r} -> {now[k]!r}" for k in changed[:6])
