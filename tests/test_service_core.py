@@ -36,8 +36,12 @@ def test_scheduler_round_gives_every_decode_a_step_and_batches_ingests():
     work = s.next_work(timeout=0)
     assert work.decodes == decodes and work.ingests == ingests[:2]  # oldest first, at most max_batch
     assert s.waiting == 5 and s.running == 0
+    # round robin by unit: the appends left out come first in the next round (first come first served kept a
+    # later append out until max_batch whole chunks were written)
+    assert s.next_work(timeout=0).ingests == [ingests[2], ingests[0]]
+    assert s.next_work(timeout=0).ingests == [ingests[1], ingests[2]]
     s.finish(ingests[0])
-    assert s.next_work(timeout=0).ingests == ingests[1:]
+    assert s.next_work(timeout=0).ingests == [ingests[1], ingests[2]]
     assert s.next_work(timeout=0.01) is not None
     assert Scheduler().next_work(timeout=0.01) is None
 

@@ -140,7 +140,12 @@ class Scheduler:
             if not (self._ingests or self._decodes) or self._closed:
                 return None
             # questions not started yet first: their first token (prefill) goes before the next token of others
-            return Work(sorted(self._decodes, key=lambda job: job.started), self._ingests[: self.max_batch])
+            batch = self._ingests[: self.max_batch]
+            # round robin by unit: this round's appends go behind the others, so with more pending appends than
+            # max_batch every one advances every few rounds (a job stays until its whole chunk is written: first
+            # come first served made a later append wait for 16 whole chunks, minutes)
+            self._ingests = self._ingests[self.max_batch :] + batch
+            return Work(sorted(self._decodes, key=lambda job: job.started), batch)
 
     def unstarted_decodes(self) -> list[GenerateJob]:
         """Questions admitted since the round began (no token yet), oldest first."""

@@ -25,6 +25,7 @@ from .answers import AnswerRun
 from .config import CoreConfig
 from .errors import (InvalidRequest, OffsetConflict, PayloadTooLarge, QuotaExceeded, SessionNotFound,
                      VersionConflict)
+from .readahead import ReadAhead, first_of
 from .scheduler import IngestJob, Scheduler
 from .stats import ServiceStats
 from .store import SessionStore
@@ -133,24 +134,26 @@ class SessionService:
         # place is then held from the body's first whole chunk to its end, so the append is never refused halfway,
         # after part of it went into the memory; a client trickling its first chunk holds no place meanwhile.
         self.scheduler.check_room(meta.tenant)
-        with contextlib.ExitStack() as place:
+        async with contextlib.AsyncExitStack() as place:
             take_place = functools.cache(lambda: place.enter_context(self.scheduler.reservation(meta.tenant)))
             decoder, text = Utf8Stream(meta.partial, meta.offset), ReadyText(meta.held)
             sha, n, buf = hashlib.sha256(), 0, bytearray()
+            body = ReadAhead(body, self.cfg.append_chunk_bytes)  # a client gone mid-chunk drops the chunk's job
+            place.push_async_callback(body.close)
             async for chunk in body:
                 n += len(chunk)
                 if n > self.cfg.max_append_bytes:
                     raise PayloadTooLarge(f"append body is over the limit of {self.cfg.max_append_bytes} bytes")
                 sha.update(chunk)
                 buf += chunk
-                if len(buf) >= self.cfg.append_chunk_bytes:  # never more than one chunk of the body in memory
+                if len(buf) >= self.cfg.append_chunk_bytes:  # about two chunks in memory: this and the next
                     take_place()  # the first time only (Overloaded if no place is left: nothing written yet)
-                    state = await self._ingest_bytes(state, decoder, text, bytes(buf))
+                    state = await self._ingest_bytes(state, decoder, text, bytes(buf), body.failed)
                     buf.clear()
             if not n:
                 return AppendResult(meta.offset, meta.tokens, meta.segments)
             take_place()
-            state = await self._ingest_bytes(state, decoder, text, bytes(buf))
+            state = await self._ingest_bytes(state, decoder, text, bytes(buf), body.failed)
         last = LastAppend(meta.offset, n, sha.hexdigest(), state.tokens, state.segments)
         meta = meta.evolve(offset=meta.offset + n, held=text.held, partial=decoder.partial, last_append=last,
                            updated_at=time.time())
@@ -163,13 +166,15 @@ class SessionService:
                                  f"session; the session's document has {now.offset} bytes", offset=now.offset) from None
         return AppendResult(meta.offset, meta.tokens, meta.segments)
 
-    async def _ingest_bytes(self, state, decoder: Utf8Stream, text: ReadyText, data: bytes):
+    async def _ingest_bytes(self, state, decoder: Utf8Stream, text: ReadyText, data: bytes,
+                            body_failed: asyncio.Future):
         ids = await asyncio.to_thread(self._tokenize, decoder, text, data)
         if not ids:
             return state
         job = IngestJob(state, ids, reserved=True)  # inside _ingest_body's reservation
         self.scheduler.submit(job)
-        return await asyncio.wrap_future(job.future)  # cancelling the request cancels the job
+        # the job is dropped if the request is cancelled or its body fails meanwhile (client gone, stalled)
+        return await first_of(asyncio.wrap_future(job.future), body_failed)
 
     def _tokenize(self, decoder: Utf8Stream, text: ReadyText, data: bytes) -> list[int]:
         pieces = text.feed(decoder.feed(data))

@@ -119,7 +119,11 @@ class HttpMetrics:
             await self.app(scope, receive, send_wrapper)
         finally:
             route = getattr(scope.get("route"), "path", None) or "unmatched"
-            self.duration.labels(route, scope["method"], str(status[0])).observe(time.perf_counter() - start)
+            method = scope["method"] if scope["method"] in METHODS else "other"  # clients choose it: bounded here
+            self.duration.labels(route, method, str(status[0])).observe(time.perf_counter() - start)
+
+
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 def build_registry(runtime: Runtime, labels: dict[str, str]) -> CollectorRegistry:
