@@ -179,9 +179,9 @@ class ArmtEngineMixin:
 
         stop_token_ids defaults to the base config's eos_token_id (as HF generate); a stop token is yielded and
         ends the stream. Greedy unless temperature > 0. ACT models: `max_hop` (and `act_threshold`, `act_fixed`)
-        set the hop limit of the answer's segment (the final one, read-only, and its new tokens); whole segments of
-        pending + prompt written before it use the configured ones, as `ingest` would. `act_stats` receives the
-        hops used.
+        set the hop limit of the answer's segment (the final one, read-only, and its new tokens); the segments
+        written before it (see _answer_layout) use the configured ones, as `ingest` would. `act_stats` receives
+        the hops used.
         """
         act = ActRun.for_model(self.config, max_hop, act_stats, threshold=act_threshold, fixed=act_fixed)
         self._executor(executor)  # checked now, not when the returned iterator first runs
@@ -190,23 +190,34 @@ class ArmtEngineMixin:
         ids = self.check_ids(prompt_ids, name="prompt_ids", allow_empty=True)
         if ids.shape[0] != 1:
             raise ValueError(f"generate takes one prompt [T] or [1, T], got batch {ids.shape[0]}")
-        tokens = state.pending + ids[0].tolist()
-        if not tokens:
-            raise ValueError("prompt_ids is empty and the state has no pending tokens: nothing to continue")
-        S = self.config.segment_size
-        n_write = ((len(tokens) - 1) // S) * S  # every segment but the last is written
-        final = tokens[n_write:]
+        writes, final = self._answer_layout(state.pending, ids[0].tolist())
         self._check_decode_positions(len(final), max_new_tokens)
-        return self._generate(state, tokens[:n_write], final, params, executor, act)
+        return self._generate(state, writes, final, params, executor, act)
 
-    def _generate(self, state, write_tokens, final, params, executor, act) -> Iterator[int]:
+    def _answer_layout(self, pending: list[int], prompt: list[int]) -> tuple[list[list[int]], list[int]]:
+        """(segments to write first, the final read-only segment) for pending tail + prompt.
+
+        Together when they fit in one segment. Otherwise the prompt starts a segment of its own, the pending tail
+        written before it as a short segment: cut where the segment size falls, a question that straddles two
+        segments is lost (the default model, QA1 at 4 segments: 0/24 right with only its '?' in the final
+        segment, 7/24 with ' Mary?'; 24/24 both, this way). A prompt longer than a segment is cut from its start.
+        """
+        S = self.config.segment_size
+        if not pending and not prompt:
+            raise ValueError("prompt_ids is empty and the state has no pending tokens: nothing to continue")
+        if len(pending) + len(prompt) <= S:
+            return [], pending + prompt
+        n = ((len(prompt) - 1) // S) * S  # the prompt's segments but its last are written
+        return [part for part in (pending, prompt[:n]) if part], prompt[n:]
+
+    def _generate(self, state, writes, final, params, executor, act) -> Iterator[int]:
         with torch.no_grad():
             A, z = state.A.unsqueeze(0).to(self.device), state.z.unsqueeze(0).to(self.device)
             first = torch.tensor([state.segments == 0], device=self.device)
-            if write_tokens:
-                write_ids = torch.tensor([write_tokens], dtype=torch.int64, device=self.device)
-                # written as `ingest` writes it (the configured hop limit): a max_hop override applies to the
-                # answer's read-only segment only, so the answer never depends on where a session's tail ended
+            for tokens in writes:  # pending tail, then the prompt's whole segments
+                write_ids = torch.tensor([tokens], dtype=torch.int64, device=self.device)  # [1, n]
+                # written as `ingest` writes (the configured hop limit): a max_hop override applies to the
+                # answer's read-only segment only
                 _, A, z = self._executor(executor)(self, write_ids, A, z, first, False)
                 first = torch.zeros_like(first)
         final_ids = torch.tensor([final], dtype=torch.int64, device=self.device)  # [1, n]

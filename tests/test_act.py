@@ -108,15 +108,19 @@ def test_generate_and_ingest_on_act_models():
     assert act3.ingest_many([act3.new_state()], [ids(20)[0]])[0].segments == 2
 
 
-def test_an_answer_with_max_hop_does_not_depend_on_where_the_session_tail_ended():
-    """generate writes the whole segments of pending + prompt as ingest would (the configured limit); max_hop is
-    the answer's own compute: the same tokens split differently give the same answer."""
+def test_max_hop_applies_to_the_answer_segment_only():
+    """generate writes the segments before the final one as ingest would (the configured limit); max_hop is the
+    answer's own compute. And the session's text appended in any pieces gives the same answer."""
     _, act = pair(max_hop=3, bias=-1.0)
+    doc, prompt = ids(40)[0].tolist(), ids(25, seed=1)[0].tolist()  # segments of 10: no pending tail
+    state = act.ingest(act.new_state(), doc)
+    kw = {"max_new_tokens": 4, "stop_token_ids": [], "max_hop": 1}
+    got = list(act.generate(state, prompt, **kw))  # writes prompt[:20] itself
+    assert got == list(act.generate(act.ingest(state, prompt[:20]), prompt[20:], **kw))
     doc = ids(47)[0].tolist()
-    answers = [list(act.generate(act.ingest(act.new_state(), doc[:cut]), doc[cut:], max_new_tokens=4,
-                                 stop_token_ids=[], max_hop=1)) for cut in (0, 23, 30, 40)]
+    answers = [list(act.generate(act.ingest(act.ingest(act.new_state(), doc[:cut]), doc[cut:]), [5, 6], **kw))
+               for cut in (0, 23, 30, 40)]
     assert all(a == answers[0] for a in answers), answers
-    assert list(act.generate(act.new_state(), doc, max_new_tokens=4, stop_token_ids=[], max_hop=3)) != answers[0]
 
 
 def test_act_config_round_trip(tmp_path):

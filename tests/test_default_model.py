@@ -49,6 +49,25 @@ def test_engine_api_answers_from_memory(model):
     assert right >= 21, f"{right}/24"
 
 
+@pytest.mark.parametrize("tail", [1, 2])
+def test_a_question_a_segment_boundary_would_cut_is_read_whole(model, tail):
+    """Pending tail + question longer than a segment: cut where the segment size fell, only the question's last
+    `tail` tokens reached the final segment and the model answered 0/24 ('?') and 7/24 (' Mary?'). The question now
+    starts a segment of its own (ArmtEngineMixin._answer_layout)."""
+    from model.training.batches import document
+
+    codec, S = Codec(model.tokenizer), model.config.segment_size
+    rng, right = random.Random(100 + tail), 0
+    for _ in range(12):
+        d = document(codec, rng, "qa1", 4, 3 * S + tail + 2, 1, "eval")  # + answer + EOS
+        a0 = d.answers[-1][0]
+        qs = max(i for i in range(a0) if "Where" in model.tokenizer.decode(d.ids[i:a0]))  # the question's start
+        state = model.ingest(model.new_state(), d.ids[:qs])
+        assert len(state.pending) + a0 - qs == S + tail  # a question the old layout cut
+        right += list(model.generate(state, d.ids[qs:a0], max_new_tokens=3)) == d.ids[a0 : a0 + 3]
+    assert right >= 10, f"{right}/12"
+
+
 def test_cli_generate_answers_from_a_text_file(model, tmp_path):
     """`armt generate --context FILE`: a file's final newline must not come between the document and the
     question (the model never saw that layout), and the answer prints without its joining space."""
