@@ -88,6 +88,10 @@ def _trainer(o: dict):
     except ValueError as e:  # e.g. a probe layer the model does not have
         raise typer.BadParameter(str(e), param_hint="--probe-layer") from e
     try:
+        trainer.check_batches()
+    except ValueError as e:  # e.g. remember with more questions than a segment holds
+        raise typer.BadParameter(str(e), param_hint="--questions / --stages") from e
+    try:
         resumed = o["resume"] and trainer.load_checkpoint()
     except ValueError as e:  # the checkpoint is of another run: other options or another model shape
         raise typer.BadParameter(str(e), param_hint="--resume") from e
@@ -134,6 +138,8 @@ def _check_train_options(o: dict) -> None:
                                      param_hint=f"--{name.replace('_', '-')}")
     if o["task"] == "ca":
         _ca_k(o["ca_k"], o["ca_variant"])
+    if o["warmup"] < 0:
+        raise typer.BadParameter(f"must be >= 0, got {o['warmup']}", param_hint="--warmup")
     for name in ("batch_size", "layers", "hidden", "heads", "max_steps", "max_hop"):
         if o[name] < 1:
             raise typer.BadParameter(f"must be >= 1, got {o[name]}", param_hint=f"--{name.replace('_', '-')}")
@@ -262,7 +268,7 @@ def evaluate(
 
     from service.cli import _fail, _load
 
-    lengths = _check_eval_options(task, segments, samples, long_samples, split, executor)
+    lengths = _check_eval_options(task, segments, samples, long_samples, split, executor, batch_size)
     if task == "ca":
         _eval_ca(model_dir, _ca_ks(model_dir, ca_k, ca_variant), ca_variant, samples, seed, out,
                  max_hop=max_hop, act_threshold=act_threshold, act_fixed=act_fixed)
@@ -299,12 +305,14 @@ def _qa_row(m, codec, task: str, n: int, k: int, label: str, **options) -> dict:
 
 
 def _check_eval_options(task: str, segments: str, samples: int, long_samples: int, split: str,
-                        executor: str) -> tuple[int, ...]:
+                        executor: str, batch_size: int) -> tuple[int, ...]:
     """The document lengths; BadParameter for option values that would fail late or print nonsense rows."""
     if task not in TASKS:
         raise typer.BadParameter(f"unknown task {task!r}; one of {', '.join(TASKS)}", param_hint="--task")
     if samples < 1 or long_samples < 1:
         raise typer.BadParameter("must be >= 1", param_hint="--samples / --long-samples")
+    if batch_size < 1:
+        raise typer.BadParameter(f"must be >= 1, got {batch_size}", param_hint="--batch-size")
     if split not in ("eval", "train"):
         raise typer.BadParameter(f"{split!r} is not eval or train", param_hint="--split")
     if executor not in ("sequential", "diagonal"):

@@ -125,6 +125,9 @@ TINY_TEXT = ["--minutes", "1", "--max-steps", "1", "--batch-size", "2", "--aux-b
     (["--act", "--ponder-tau", "-1"], "--ponder-tau"),
     (["--act", "--ponder-tau", "nan"], "--ponder-tau"),
     (["--segment-size", "0"], "--segment-size"),
+    (["--warmup", "-1"], "--warmup"),
+    (["--task", "remember", "--questions", "6", "--stages", "0"], "--questions"),  # 7 pairs + 6 questions > 32
+    (["--task", "remember", "--stages", "0,1,2", "--stream-max", "2"], "stream_max"),  # streams carrying nothing
 ])
 def test_bad_training_options_are_clean_errors(tmp_path, args, hint):
     result = CliRunner().invoke(app, ["train", "--out", str(tmp_path / "run"), *TINY_TEXT, *args])
@@ -132,6 +135,7 @@ def test_bad_training_options_are_clean_errors(tmp_path, args, hint):
 
 
 @pytest.mark.parametrize("args,hint", [(["--samples", "0"], "--samples"), (["--segments", "0"], "--segments"),
+                                       (["--batch-size", "0"], "--batch-size"),
                                        (["--executor", "bogus"], "--executor"), (["--split", "foo"], "--split")])
 def test_bad_eval_options_are_clean_errors(tmp_path, args, hint):
     result = CliRunner().invoke(app, ["eval", "--out", str(tmp_path / "e.json"), *args])

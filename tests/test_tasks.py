@@ -20,9 +20,15 @@ def codec():
 
 
 def test_prose_sources_are_disjoint_and_nonempty():
+    """Not even near copies: pdb's docstrings repeat the reference's debugger section with other markup (36
+    evaluation sentences were the training ones but for asterisks and quotes)."""
     train, held = train_sentences(), eval_sentences()
     assert len(train) > 1000 and len(held) > 1000
     assert not set(train) & set(held)
+    words = lambda s: re.sub(r"[^a-z0-9 ]+", " ", s.lower()).split()  # noqa: E731
+    runs = {tuple(w[i : i + 8]) for s in train for w in [words(s)] for i in range(len(w) - 7)}
+    assert not [s for s in held for w in [words(s)] for i in range(len(w) - 7) if tuple(w[i : i + 8]) in runs]
+    assert "If count is omitted, the ignore count is set to 0." not in held
 
 
 def test_task_words_are_single_tokens_and_any_text_round_trips(codec):
@@ -66,7 +72,7 @@ def test_qa2_answers_follow_the_carrier(codec):
         s = qa2(codec, rng, 300, n_questions=1)
         assert len(s) == 300 and s.answer in PLACES
         seen += " the " in codec.tokenizer.decode(s.ids[-8:])
-    assert seen > 25  # most questions are about objects
+    assert seen == 50  # every question is about an object (11-17% asked about a person when none was carried)
 
 
 def test_remember_and_key_gap_value(codec):

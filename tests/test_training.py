@@ -172,3 +172,11 @@ def test_resume_ignores_the_ca_options_of_a_text_run(tokenizer, tmp_path):
     trainer.cfg = config(task="ca", ca_k=2)
     with pytest.raises(ValueError, match="ca_k"):
         trainer._check_same_run({**asdict(trainer.cfg), "ca_k": 1})
+
+
+def test_no_warmup_is_full_rate_from_the_first_step(tokenizer, tmp_path):
+    """--warmup 0 divided by zero at the first step."""
+    trainer = Trainer(tiny(tokenizer), Codec(tokenizer), config(warmup=0, decay="none"), tmp_path)
+    assert trainer.lr_at(0) == trainer.cfg.lr
+    with pytest.raises(ValueError, match="warmup"):
+        config(warmup=-1)

@@ -60,7 +60,24 @@ def eval_sentences() -> tuple[str, ...]:
             for doc in _docstrings(path):
                 out.extend(sentences_of(doc))
     seen = set(train_sentences())
-    return tuple(s for s in dict.fromkeys(out) if s not in seen)  # de-duplicated, disjoint from train, order kept
+    shared = _train_runs()
+    # de-duplicated, disjoint from train (also near copies: pdb's docstrings repeat the reference's debugger
+    # section with other markup), order kept
+    return tuple(s for s in dict.fromkeys(out) if s not in seen and not _runs(s) & shared)
+
+
+RUN = 8  # words: a run this long shared with the training prose makes a sentence a near copy
+
+
+def _runs(sentence: str) -> set[tuple[str, ...]]:
+    """The sentence's runs of RUN words, lower-cased, markup and punctuation stripped."""
+    words = re.sub(r"[^a-z0-9 ]+", " ", sentence.lower()).split()
+    return {tuple(words[i : i + RUN]) for i in range(len(words) - RUN + 1)}
+
+
+@lru_cache(maxsize=None)
+def _train_runs() -> frozenset[tuple[str, ...]]:
+    return frozenset(run for s in train_sentences() for run in _runs(s))
 
 
 def sentences(split: str) -> tuple[str, ...]:

@@ -53,17 +53,25 @@ def score_batch(model, ids: torch.Tensor, answers: list[list[int]], executor: st
 def accuracy(model, codec: Codec, task: str, segments: int, n_samples: int, split: str = "eval", seed: int = 0,
              batch_size: int = 16, dense: bool = False, executor: str = "diagonal", distinct: bool = False,
              memory: bool = True) -> dict:
-    """Exact match on n_samples fresh documents of `segments` segments (one question each, at the end)."""
-    rng = random.Random(seed)
-    S = model.config.segment_size
+    """Exact match on n_samples fresh documents of `segments` segments (one question each, at the end).
+
+    Document i is drawn from its own generator (seed, i), its length included: the documents, and so the score,
+    do not depend on batch_size (one length per batch, drawn from a shared generator, made them do so)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    S, stage = model.config.segment_size, 0 if dense else segments
+    kw = {"distinct": True} if distinct else {}
+
+    def doc(i: int):
+        rng = random.Random(f"{seed}:{i}")
+        return document(codec, rng, task, stage, stage_length(rng, stage, S), 1, split, **kw)
+
     was_training = model.training
     model.eval()
     correct = done = 0
     while done < n_samples:
         b = min(batch_size, n_samples - done)
-        n_tokens = stage_length(rng, 0 if dense else segments, S)
-        kw = {"distinct": True} if distinct else {}
-        samples = [document(codec, rng, task, 0 if dense else segments, n_tokens, 1, split, **kw) for _ in range(b)]
+        samples = [doc(done + i) for i in range(b)]
         batch = collate(samples, codec.pad, with_probe=False)
         correct += score_batch(model, batch.ids.to(model.device), [s.answers[-1] for s in samples], executor,
                                memory)

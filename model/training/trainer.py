@@ -69,6 +69,11 @@ class TrainConfig:
             raise ValueError(f"memory streams (stream_max) are for task remember, not {self.task}")
         if self.task == "ca":
             check_k(self.ca_k, self.ca_variant)
+        if self.warmup < 0:
+            raise ValueError(f"warmup must be >= 0 steps, got {self.warmup}")
+        if self.stream_max and self.stages and self.stream_max <= self.stages[-1]:
+            raise ValueError(f"stream_max ({self.stream_max}) must be longer than the last stage ({self.stages[-1]} "
+                             "segments): every stream would end after its first window, carrying nothing")
 
 
 @dataclass
@@ -106,7 +111,7 @@ class Trainer:
     def lr_at(self, step: int) -> float:
         """Linear warm-up, then cosine decay over the budget (the last stretch anneals at a small rate)."""
         cfg = self.cfg
-        warm = min(1.0, (step + 1) / cfg.warmup)
+        warm = min(1.0, (step + 1) / cfg.warmup) if cfg.warmup > 0 else 1.0
         if cfg.decay == "none":
             return cfg.lr * warm
         if cfg.decay == "steps":
@@ -182,6 +187,16 @@ class Trainer:
         dense = self.stage == 0
         return accuracy(self.model, self.codec, cfg.task, max(self.stage, 1), cfg.heldout, split="train", seed=seed,
                         dense=dense, distinct=dense and cfg.dense_distinct and cfg.task == "qa1")
+
+    def check_batches(self) -> None:
+        """One batch of every stage, from a generator of its own (training's stays untouched): options whose
+        documents cannot be built (more questions than a segment holds) fail now, not when training gets there."""
+        rng, self.rng = self.rng, random.Random(0)
+        try:
+            for stage in self.cfg.stages:
+                self._task_batch(stage)
+        finally:
+            self.rng = rng
 
     def running_accuracy(self) -> float:
         if len(self.window) < self.window.maxlen:
