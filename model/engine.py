@@ -174,8 +174,13 @@ class ArmtEngineMixin:
         act_stats: ActStats | None = None,
         act_threshold: float | None = None,
         act_fixed: bool | None = None,
+        own_segment: bool = False,
     ) -> Iterator[int]:
         """Yield new token ids one by one for pending tail + prompt; `state` is never modified.
+
+        Layout (_answer_layout): as the official generate, every segment_size tokens of pending + prompt but the
+        last are written and the last is read; own_segment=True (a question, as the service asks it) starts the
+        prompt in a segment of its own when pending + prompt do not fit in one.
 
         stop_token_ids defaults to the base config's eos_token_id (as HF generate); a stop token is yielded and
         ends the stream. Greedy unless temperature > 0. ACT models: `max_hop` (and `act_threshold`, `act_fixed`)
@@ -190,23 +195,28 @@ class ArmtEngineMixin:
         ids = self.check_ids(prompt_ids, name="prompt_ids", allow_empty=True)
         if ids.shape[0] != 1:
             raise ValueError(f"generate takes one prompt [T] or [1, T], got batch {ids.shape[0]}")
-        writes, final = self._answer_layout(state.pending, ids[0].tolist())
+        writes, final = self._answer_layout(state.pending, ids[0].tolist(), own_segment)
         self._check_decode_positions(len(final), max_new_tokens)
         return self._generate(state, writes, final, params, executor, act)
 
-    def _answer_layout(self, pending: list[int], prompt: list[int]) -> tuple[list[list[int]], list[int]]:
-        """(segments to write first, the final read-only segment) for pending tail + prompt.
+    def _answer_layout(self, pending: list[int], prompt: list[int],
+                       own_segment: bool) -> tuple[list[list[int]], list[int]]:
+        """(token runs to write first, the final read-only segment) for pending tail + prompt.
 
-        Together when they fit in one segment. Otherwise the prompt starts a segment of its own, the pending tail
-        written before it as a short segment: cut where the segment size falls, a question that straddles two
-        segments is lost (the default model, QA1 at 4 segments: 0/24 right with only its '?' in the final
-        segment, 7/24 with ' Mary?'; 24/24 both, this way). A prompt longer than a segment is cut from its start.
+        Together when they fit in one segment. Otherwise, officially, every segment_size tokens but the last are
+        written. With own_segment the prompt starts a segment of its own instead, the pending tail written before
+        it as a short segment: cut where the segment size falls, a question that straddles two segments is lost
+        (the default model, QA1 at 4 segments: 0/24 right with only its '?' in the final segment, 7/24 with
+        ' Mary?'; 24/24 both, this way). A prompt longer than a segment is then cut from its start.
         """
         S = self.config.segment_size
         if not pending and not prompt:
             raise ValueError("prompt_ids is empty and the state has no pending tokens: nothing to continue")
         if len(pending) + len(prompt) <= S:
             return [], pending + prompt
+        if not own_segment:
+            n = ((len(pending) + len(prompt) - 1) // S) * S  # every segment but the last
+            return [(pending + prompt)[:n]], (pending + prompt)[n:]
         n = ((len(prompt) - 1) // S) * S  # the prompt's segments but its last are written
         return [part for part in (pending, prompt[:n]) if part], prompt[n:]
 

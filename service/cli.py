@@ -79,8 +79,8 @@ def generate(
         state = m.ingest(state, _encode(m, text), executor=executor)
     ingest_s = time.perf_counter() - start
     try:
-        stream = m.generate(state, _encode(m, prompt), max_new_tokens=max_new_tokens, temperature=temperature,
-                            executor=executor)
+        stream = m.generate(state, _encode(m, prompt), own_segment=True, max_new_tokens=max_new_tokens,
+                            temperature=temperature, executor=executor)
     except ValueError as e:
         _fail(str(e))
     from service.core.textstream import AnswerText

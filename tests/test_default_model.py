@@ -53,7 +53,7 @@ def test_engine_api_answers_from_memory(model):
 def test_a_question_a_segment_boundary_would_cut_is_read_whole(model, tail):
     """Pending tail + question longer than a segment: cut where the segment size fell, only the question's last
     `tail` tokens reached the final segment and the model answered 0/24 ('?') and 7/24 (' Mary?'). The question now
-    starts a segment of its own (ArmtEngineMixin._answer_layout)."""
+    starts a segment of its own (generate's own_segment=True, as the service and `armt generate` ask)."""
     from model.training.batches import document
 
     codec, S = Codec(model.tokenizer), model.config.segment_size
@@ -64,7 +64,8 @@ def test_a_question_a_segment_boundary_would_cut_is_read_whole(model, tail):
         qs = max(i for i in range(a0) if "Where" in model.tokenizer.decode(d.ids[i:a0]))  # the question's start
         state = model.ingest(model.new_state(), d.ids[:qs])
         assert len(state.pending) + a0 - qs == S + tail  # a question the old layout cut
-        right += list(model.generate(state, d.ids[qs:a0], max_new_tokens=3)) == d.ids[a0 : a0 + 3]
+        answer = model.generate(state, d.ids[qs:a0], max_new_tokens=3, own_segment=True)
+        right += list(answer) == d.ids[a0 : a0 + 3]
     assert right >= 10, f"{right}/12"
 
 

@@ -242,3 +242,19 @@ def test_a_cast_keeps_rope_in_fp32(tmp_path):
     for got, want in zip(cast.base.rope(x, positions), loaded.base.rope(x, positions)):
         assert_close(got, want, rtol=0, atol=0)
     assert cast.base.hf.model.rotary_emb.inv_freq.dtype == torch.float32
+
+
+def test_a_prompt_of_its_own_segment_is_answered_as_if_the_tail_were_written_first(model):
+    """own_segment=True: pending tail (7 tokens) + prompt (5) > a segment (10): the tail is written alone, then the
+    prompt is the final segment, which is what generating from a state with the tail written gives. The default
+    layout cuts at the segment size, as the official generate (tests/test_official_checkpoints.py)."""
+    doc, prompt = _doc(27), _doc(5, seed=1)
+    state = model.ingest(model.new_state(), doc)
+    assert len(state.pending) == 7
+    kw = {"max_new_tokens": 6, "stop_token_ids": []}
+    tail_written = model.forward_long(torch.tensor([doc]))[1]  # every segment written, the short last one too
+    tail_written = MemoryState(tail_written.A, tail_written.z, model.fingerprint, segments=3, tokens_written=27)
+    want = list(model.generate(tail_written, prompt, **kw))
+    assert list(model.generate(state, prompt, own_segment=True, **kw)) == want
+    official = list(model.generate(state, prompt, **kw))
+    assert official == list(model.generate(model.ingest(state, prompt[:3]), prompt[3:], **kw))

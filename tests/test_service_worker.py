@@ -119,3 +119,19 @@ def test_a_question_arriving_during_the_decodes_gets_its_first_token_before_the_
     worker.step(work)
     assert order == ["early token", "late token", "ingest unit"]
     assert late.generated == 1
+
+
+def test_a_question_starts_a_segment_of_its_own(model):
+    """The worker asks generate for own_segment: a session's pending tail + question longer than a segment would
+    otherwise cut the question in two (the default model lost such questions)."""
+    state = model.ingest(model.new_state(), ids(3 * SEGMENT - 2, seed=4))  # pending: SEGMENT - 2 tokens
+    question = ids(5, seed=5)
+    want = list(model.generate(state, question, max_new_tokens=5, own_segment=True))
+    assert want != list(model.generate(state, question, max_new_tokens=5))  # the two layouts differ here
+    tokens, scheduler = [], Scheduler()
+    worker = EngineWorker(model, scheduler, ServiceStats())
+    job = GenerateJob(state, question, 5, 0.0, 1.0, None, lambda t: tokens.append(t) is None,
+                      lambda reason, error: tokens.append((reason, error)))
+    scheduler.submit(job)
+    drain(worker, scheduler)
+    assert tokens[:-1] == want

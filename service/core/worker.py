@@ -69,7 +69,8 @@ class EngineWorker:
                 job.started = True
                 job.iterator = self.model.generate(
                     job.state, job.prompt_ids, max_new_tokens=job.max_new_tokens, temperature=job.temperature,
-                    top_p=job.top_p, seed=job.seed, max_hop=job.max_hop, act_stats=job.act_stats)
+                    top_p=job.top_p, seed=job.seed, max_hop=job.max_hop, act_stats=job.act_stats,
+                    own_segment=True)  # a question is never cut across two segments
             token = next(job.iterator)
         except StopIteration:
             return self._end(job, "length", None)
