@@ -68,7 +68,8 @@ class DiagonalPipeline:
         self.width = self.sink + cfg.segment_size + self.M  # T'
         if model.base.rope_depends_on_length(self.width):  # one rotation table serves every cell of a step
             raise ValueError(f"the diagonal executor rotates every segment as {self.width} positions, and this "
-                             "model's dynamic RoPE scaling would rotate a shorter last segment differently; use "
+                             "model's RoPE scaling (dynamic or longrope) would rotate a shorter last segment "
+                             "differently; use "
                              "executor='sequential'")
         if dev.type == "cpu":
             keep_freed_heap()  # its temporaries would otherwise be page-faulted in again every step (model/heap.py)

@@ -112,9 +112,16 @@ class BaseAdapter(nn.Module):
 
     def rope_depends_on_length(self, n: int) -> bool:
         """Whether a call over positions 0..n-1 rotates differently from a shorter one: HF's dynamic RoPE rescales
-        its frequencies for calls longer than the original context (and keeps them for the next calls)."""
+        its frequencies for calls longer than the original context (and keeps them for the next calls), longrope
+        switches to its long factors there."""
         rotary = self._rotary()
-        return getattr(rotary, "rope_type", None) == "dynamic" and n > rotary.original_max_seq_len
+        kind = getattr(rotary, "rope_type", None)
+        if kind == "dynamic":
+            return n > rotary.original_max_seq_len
+        if kind == "longrope":
+            params = getattr(self.config, "rope_parameters", None) or {}
+            return n > (params.get("original_max_position_embeddings") or self.config.max_position_embeddings)
+        return False
 
     @property
     def max_positions(self) -> int | None:

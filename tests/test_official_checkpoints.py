@@ -298,7 +298,13 @@ def test_dynamic_rope_longer_than_its_context_is_refused_by_the_diagonal_executo
     model = ArmtModel.from_pretrained(write_official(ref, tmp_path))
     ids = _ids(13)
     assert_close(model.forward_long(ids, executor="sequential")[0], ref.forward_long(ids), atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="dynamic RoPE"):
+    with pytest.raises(ValueError, match="RoPE scaling"):
+        model.forward_long(ids, executor="diagonal")
+    longrope = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 12,
+                "short_factor": [1.0] * 4, "long_factor": [4.0] * 4}  # head_dim 8; 10 + 4 memory > 12: 3e-3 off
+    model = ArmtModel.from_pretrained(write_official(build_reference("llama", rope_parameters=longrope),
+                                                     tmp_path / "longrope"))
+    with pytest.raises(ValueError, match="longrope"):
         model.forward_long(ids, executor="diagonal")
     short = build_reference("llama", max_position_embeddings=64, rope_parameters=rope)  # fits: no rescaling
     model = ArmtModel.from_pretrained(write_official(short, tmp_path / "short"))

@@ -38,7 +38,11 @@ def test_scheduler_round_gives_every_decode_a_step_and_batches_ingests():
     assert s.waiting == 5 and s.running == 0
     # round robin by unit: the appends left out come first in the next round (first come first served kept a
     # later append out until max_batch whole chunks were written)
+    for job in ingests[:2]:
+        job.started = True  # as the worker marks them
     assert s.next_work(timeout=0).ingests == [ingests[2], ingests[0]]
+    ingests[2].started = True
+    assert s.running == 2 and s.waiting == 3  # this round's appends run; the one sitting out waits (+2 decodes)
     assert s.next_work(timeout=0).ingests == [ingests[1], ingests[2]]
     s.finish(ingests[0])
     assert s.next_work(timeout=0).ingests == [ingests[1], ingests[2]]
@@ -178,3 +182,38 @@ def test_layering_core_has_no_http_and_model_has_no_service():
         assert not imported_modules(path) & http, path
     for path in (root / "model").glob("*.py"):
         assert not imported_modules(path) & (http | {"service"}), path
+
+
+def test_read_ahead_stops_even_when_a_read_swallows_its_cancellation():
+    """Python 3.11's wait_for (BodyLimits' timeout around receive) returns a message that arrives as it is
+    cancelled and drops the cancellation: close() then waited forever (the pump blocked on the full buffer),
+    holding the session's lock. The reader gives up here as the next bytes arrive."""
+    import asyncio
+
+    from service.core.errors import PayloadTooLarge
+    from service.core.readahead import ReadAhead
+
+    size, pending = 1024, []
+
+    async def body():
+        yield b"a" * size
+        while True:
+            inner = asyncio.get_running_loop().create_future()  # the server's receive(), waiting for bytes
+            pending.append(inner)
+            yield await asyncio.wait_for(inner, 100)
+
+    async def append():
+        reader = ReadAhead(body(), size)
+        try:
+            async for _ in reader:
+                await asyncio.sleep(0.01)  # the pump now waits in wait_for
+                pending[-1].set_result(b"b" * size)  # bytes arrive in the same iteration as the reader gives up
+                raise PayloadTooLarge("over the limit")
+        finally:
+            await reader.close()
+
+    async def main():
+        with pytest.raises(PayloadTooLarge):
+            await asyncio.wait_for(append(), 5)
+
+    asyncio.run(main())

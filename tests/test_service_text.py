@@ -175,3 +175,20 @@ def test_only_text_that_could_start_a_stop_string_waits():
     sent = [answer.add(b) for b in b"hello worlda"]
     assert "".join(sent) == "hello world"  # the final "a" may start "ab!"
     assert sent[4] == "o" and answer.flush() == "a"
+
+
+class ByteFallbackTokenizer:
+    """Byte tokens decoded the way a byte-fallback tokenizer does: one U+FFFD per byte of an unfinished character."""
+
+    def decode(self, ids):
+        text = bytes(ids).decode("utf-8", errors="ignore")
+        complete = len(text.encode())
+        return text + "\ufffd" * (len(ids) - complete)
+
+
+def test_a_byte_fallback_tokenizer_streams_whole_characters():
+    """A 3-byte character decoded as 'x\\ufffd\\ufffd' midway: one U+FFFD was held back, the other streamed, and
+    the character itself was then skipped (the stream read '5\\ufffd.' where the answer was '5\\u20ac.')."""
+    answer = ts.AnswerText(ByteFallbackTokenizer(), ())
+    sent = "".join(answer.add(b) for b in "5\u20ac.".encode()) + answer.flush()
+    assert sent == "5\u20ac." == answer.text

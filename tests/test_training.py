@@ -172,6 +172,8 @@ def test_resume_ignores_the_ca_options_of_a_text_run(tokenizer, tmp_path):
     trainer.cfg = config(task="ca", ca_k=2)
     with pytest.raises(ValueError, match="ca_k"):
         trainer._check_same_run({**asdict(trainer.cfg), "ca_k": 1})
+    trainer.cfg = config(task="ca", ca_variant="oo")  # k None; runs from before saved the ignored default 1
+    trainer._check_same_run({**asdict(trainer.cfg), "ca_k": 1})
 
 
 def test_no_warmup_is_full_rate_from_the_first_step(tokenizer, tmp_path):

@@ -267,6 +267,8 @@ class Trainer:
         budget = {"minutes", "max_steps", "checkpoint_every"}
         if now["task"] != "ca":  # the CA options do not apply (and their defaults changed once)
             budget |= {k for k in now if k.startswith("ca_")}
+        elif now.get("ca_variant") in ("oo", "shift") and saved.get("ca_k") == 1 and now["ca_k"] is None:
+            saved["ca_k"] = None  # runs from before k = None: their default 1 was ignored by these variants
         changed = sorted(k for k in now.keys() - budget if k in saved and saved[k] != now[k])
         if changed:
             diff = ", ".join(f"{k} {saved[k]!r} -> {now[k]!r}" for k in changed[:6])

@@ -3,9 +3,13 @@
 The engine writes an append chunk by chunk (ARMT_APPEND_CHUNK_BYTES, about 30 s for 1 MiB with the default model
 on 2 CPU cores). Were the body read only between chunks, a client that goes away mid-upload would be noticed only
 once the current chunk is written: up to a chunk of engine time spent on an append that can never be stored, with
-every other append and question waiting behind it. Reading on meanwhile (up to a bound, so memory stays one chunk
-or so) notices the disconnect, or a stalled body, at once; the caller then drops the engine job
-(`first_of(job, reader.failed)`).
+every other append and question waiting behind it. Reading on meanwhile notices the disconnect, or a stalled body,
+at once, and the caller drops the engine job (`first_of(job, reader.failed)`).
+
+The read-ahead is bounded (`max_bytes`, one chunk): an ASGI server reports a disconnect only through the next read,
+so a client that is a whole chunk or more ahead of the engine (a fast upload) is noticed only when the engine
+reaches the chunk being read, as before. It helps a client slower than the engine, whose engine work would
+otherwise wait for its next chunk's bytes and then run a whole chunk for nothing.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ class ReadAhead:
 
     def __init__(self, body: AsyncIterable[bytes], max_bytes: int) -> None:
         self._queue: asyncio.Queue = asyncio.Queue()
-        self._max, self._buffered = max_bytes, 0
+        self._max, self._buffered, self._closed = max_bytes, 0, False
         self._drained = asyncio.Condition()
         self.failed: asyncio.Future = asyncio.get_running_loop().create_future()  # the read's error, if any
         self._task = asyncio.create_task(self._pump(body))
@@ -28,8 +32,10 @@ class ReadAhead:
     async def _pump(self, body: AsyncIterable[bytes]) -> None:
         try:
             async for chunk in body:
+                if self._closed:  # a cancellation lost in a read that completed at the same time
+                    return
                 async with self._drained:  # at most max_bytes (+ one message) waiting for the reader
-                    await self._drained.wait_for(lambda: self._buffered < self._max)
+                    await self._drained.wait_for(lambda: self._closed or self._buffered < self._max)
                     self._buffered += len(chunk)
                 self._queue.put_nowait(chunk)
             self._queue.put_nowait(_END)
@@ -53,10 +59,17 @@ class ReadAhead:
             self._drained.notify_all()
         return item
 
-    async def close(self) -> None:
-        """Stop reading (the append ended, or failed for another reason)."""
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
+    async def close(self, grace: float = 1.0) -> None:
+        """Stop reading (the append ended, or failed for another reason). Never waits long: a read that swallowed
+        the cancellation (asyncio.wait_for completing at the same moment) ends on its own at the next message, the
+        `closed` flag, or the body timeout, without holding the session's lock meanwhile."""
+        self._closed = True
+        async with self._drained:
+            self._drained.notify_all()
+        deadline = asyncio.get_running_loop().time() + grace
+        while not self._task.done() and asyncio.get_running_loop().time() < deadline:
+            self._task.cancel()
+            await asyncio.wait({self._task}, timeout=0.05)
 
 
 async def first_of(job: asyncio.Future, failed: asyncio.Future):

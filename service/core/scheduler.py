@@ -82,6 +82,7 @@ class Scheduler:
         self.max_per_tenant = max_per_tenant  # places one tenant may hold (None: no limit)
         self._cv = threading.Condition()
         self._ingests: list[IngestJob] = []
+        self._batch: list[IngestJob] = []  # the appends of the round in progress
         self._decodes: list[GenerateJob] = []
         self._reserved: collections.Counter[str] = collections.Counter()  # tenant -> places held by reservations
         self._closed = False
@@ -145,6 +146,7 @@ class Scheduler:
             # max_batch every one advances every few rounds (a job stays until its whole chunk is written: first
             # come first served made a later append wait for 16 whole chunks, minutes)
             self._ingests = self._ingests[self.max_batch :] + batch
+            self._batch = batch  # what runs this round: the gauges count the others as waiting
             return Work(sorted(self._decodes, key=lambda job: job.started), batch)
 
     def unstarted_decodes(self) -> list[GenerateJob]:
@@ -173,10 +175,15 @@ class Scheduler:
         is still arriving (a reservation with no job queued), which hold a place in the queue all the same."""
         with self._cv:
             between_jobs = sum(self._reserved.values()) - sum(job.reserved for job in self._ingests)
-            return (sum(not j.started for j in self._ingests) + sum(not j.started for j in self._decodes)
+            return (len(self._ingests) - self._ingests_running() + sum(not j.started for j in self._decodes)
                     + max(0, between_jobs))
 
     @property
     def running(self) -> int:
+        """Jobs in progress: this round's appends (at most max_batch; the rest wait their turn) and the questions
+        that have started."""
         with self._cv:
-            return sum(j.started for j in self._ingests) + sum(j.started for j in self._decodes)
+            return self._ingests_running() + sum(j.started for j in self._decodes)
+
+    def _ingests_running(self) -> int:
+        return sum(job.started and any(job is b for b in self._batch) for job in self._ingests)

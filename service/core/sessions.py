@@ -146,7 +146,7 @@ class SessionService:
                     raise PayloadTooLarge(f"append body is over the limit of {self.cfg.max_append_bytes} bytes")
                 sha.update(chunk)
                 buf += chunk
-                if len(buf) >= self.cfg.append_chunk_bytes:  # about two chunks in memory: this and the next
+                if len(buf) >= self.cfg.append_chunk_bytes:  # up to ~3 chunks in memory: this, its copy, the next
                     take_place()  # the first time only (Overloaded if no place is left: nothing written yet)
                     state = await self._ingest_bytes(state, decoder, text, bytes(buf), body.failed)
                     buf.clear()

@@ -123,9 +123,11 @@ class AnswerText:
         return delta
 
     def _decoded(self) -> str:
-        """The answer's text so far, without a last character whose bytes are not all there yet."""
+        """The answer's text so far, without a last character whose bytes are not all there yet: one U+FFFD for
+        byte-level BPE, one per byte (up to 3) for byte-fallback tokenizers (LLaMA-2, Mistral)."""
         text = self.tokenizer.decode(self.ids).removeprefix(" ")  # the space that joined it to the question
-        return text[:-1] if text.endswith("\ufffd") else text
+        partial = min(3, len(text) - len(text.rstrip("\ufffd")))
+        return text[: len(text) - partial]
 
     def _trim_at_stop(self, text: str) -> bool:
         """self.text = text, cut where a stop string first appears in it, whichever string that is (True then).
