@@ -173,6 +173,10 @@ def ingest_file(client: ArmtClient, path: str | Path, session_id: str, chunk_byt
                         sleep(_backoff(e, conflicts))
                     conflicts += 1
                     offset = e.body["error"]["offset"]
+                    if offset > total:  # as at the start: another writer made the session something else
+                        raise ValueError(f"the session now holds {offset} bytes but the file has only {total}") from e
+                    if progress:
+                        progress(offset, total)
                     continue
                 if isinstance(e, ArmtHTTPError) and e.status not in RETRYABLE_STATUS or failures >= max_retries:
                     raise
@@ -181,7 +185,9 @@ def ingest_file(client: ArmtClient, path: str | Path, session_id: str, chunk_byt
                 offset = _offset(client, session_id, total, sleep, max_retries)
             if progress:
                 progress(offset, total)
-    return result or client.get_session(session_id)
+    if result is not None and result["offset"] == total:
+        return result
+    return client.get_session(session_id)  # the last answer was lost (the server had stored it) or came earlier
 
 
 def _check_same_document(client: ArmtClient, session_id: str, f, path: Path, sleep, max_retries: int) -> None:

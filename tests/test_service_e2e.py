@@ -107,6 +107,36 @@ def test_resuming_checks_the_file_through_a_busy_server(tmp_path):
         ingest_file(other, tmp_path / "doc.txt", "0" * 32, sleep=naps.append)
 
 
+def test_ingest_file_reports_the_server_s_offset_when_the_last_answer_is_lost(tmp_path):
+    """The last chunk stored but its answer lost (the case idempotent appends exist for): the result was the one of
+    the chunk before; and a 409 naming an offset past the file's end passed silently (an error at the start)."""
+    class Lossy:
+        def __init__(self, size):
+            self.offset, self.size = 0, size
+
+        def get_session(self, sid):
+            return {"offset": self.offset, "tokens": self.offset, "segments": 0}
+
+        def append(self, sid, offset, chunk):
+            self.offset += len(chunk)
+            if self.offset == self.size:
+                raise httpx.ReadTimeout("the answer was lost")
+            return {"offset": self.offset, "tokens": self.offset, "segments": 0}
+
+    (tmp_path / "doc.txt").write_text("0123456789" * 3)
+    seen = []
+    result = ingest_file(Lossy(30), tmp_path / "doc.txt", "0" * 32, chunk_bytes=10, sleep=lambda s: None,
+                         progress=lambda done, total: seen.append(done))
+    assert result["offset"] == 30 and seen[-1] == 30
+
+    class Ahead(Lossy):
+        def append(self, sid, offset, chunk):
+            raise ArmtHTTPError(409, {"error": {"code": "offset_mismatch", "message": "m", "offset": 999}})
+
+    with pytest.raises(ValueError, match="only 30"):
+        ingest_file(Ahead(30), tmp_path / "doc.txt", "0" * 32, chunk_bytes=10, sleep=lambda s: None)
+
+
 def test_ingest_file_refuses_an_empty_chunk_size(tmp_path):
     """read(0) is b"": the upload would append nothing at the same offset forever."""
     (tmp_path / "doc.txt").write_text("text")

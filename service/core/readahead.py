@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterable, AsyncIterator
 
+from .errors import Cancelled
+
 _END = object()
 
 
@@ -43,6 +45,9 @@ class ReadAhead:
             self.failed.set_exception(e)
             self.failed.exception()  # retrieved: no "never retrieved" warning if nobody waits on it
             self._queue.put_nowait(e)
+        except asyncio.CancelledError:  # close(), or the loop shutting down: a waiting reader must not wait forever
+            self._queue.put_nowait(Cancelled("the request body's reader was cancelled"))
+            raise
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self
