@@ -85,9 +85,13 @@ class Soak:
     async def _stream(self, http: httpx.AsyncClient, sid: str, question: dict, abandon: bool) -> None:
         async with http.stream("POST", f"/v1/sessions/{sid}/ask", json={**question, "stream": True}) as r:
             self.statuses[r.status_code] += 1
+            final = None
             async for name, _ in aiter_sse(r):
+                final = name
                 if abandon and name == "token":
                     return  # hang up mid-answer: the server must drop the question and free what it held
+            if r.status_code == 200 and final != "done":  # an `error` event after the 200, or a cut stream
+                self.statuses[f"stream ended with {final or 'no event'}"] += 1
 
     def report(self) -> dict:
         """RSS: median of the first window after the warm-up vs median of the last window (a minute each, less in

@@ -33,20 +33,27 @@ def overhead(layers: int, segments: int, repeats: int) -> dict:
     m = ArmtModel.from_config(cfg, ArmtConfig(num_mem_tokens=2, d_mem=4, segment_size=4)).eval()
     ids = torch.randint(0, 64, (1, segments * 4))
     t = timed({name: _ingest(m, ids, name) for name in ("sequential", "diagonal")}, m.device, repeats)
-    return {"sequential_ms_per_segment": t["sequential"] * 1e3 / segments,
-            "diagonal_ms_per_step": t["diagonal"] * 1e3 / (segments + layers - 1)}
+    return {"sequential_ms_per_segment": round(t["sequential"] * 1e3 / segments, 2),
+            "diagonal_ms_per_step": round(t["diagonal"] * 1e3 / (segments + layers - 1), 2)}
 
 
 @torch.no_grad()
 def by_threads(model, ids, repeats: int) -> dict:
     from model.bench import timed
 
-    out = {}
-    for threads in (1, 2):
-        torch.set_num_threads(threads)
-        t = timed({name: _ingest(model, ids, name) for name in ("sequential", "diagonal")}, model.device, repeats)
-        out[threads] = {name: round(s * 1e3, 1) for name, s in t.items()}
-    return out
+    def on(threads: int, executor: str):
+        def run():
+            torch.set_num_threads(threads)
+            try:
+                _ingest(model, ids, executor)()
+            finally:
+                torch.set_num_threads(before)
+        return run
+
+    before = torch.get_num_threads()
+    # the four paths in one timed() call: its rounds interleave them, so drift falls on all alike
+    t = timed({(n, name): on(n, name) for n in (1, 2) for name in ("sequential", "diagonal")}, model.device, repeats)
+    return {n: {name: round(t[n, name] * 1e3, 1) for name in ("sequential", "diagonal")} for n in (1, 2)}
 
 
 @torch.no_grad()

@@ -132,3 +132,25 @@ async def asks_beside_one_long_question(url: str, sid: str, then) -> tuple[list[
         release.set()
         await holder
         return statuses, result
+
+
+def test_the_load_generator_counts_a_stream_that_ends_in_an_error_event_as_an_error():
+    """An `error` event after the 200 (decoding failed) was counted as an accepted answer, so the overload goals
+    ("no 5xx") could not fail on it."""
+    import asyncio
+
+    import httpx
+
+    from bench.loadgen import ask, summarize
+
+    def handler(request):
+        body = b'event: token\ndata: {"text": "a"}\n\nevent: error\ndata: {"error": {"code": "internal"}}\n\n'
+        return httpx.Response(200, content=body, headers={"content-type": "text/event-stream"})
+
+    async def main():
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler), base_url="http://x") as http:
+            return await ask(http, "0" * 32, "Where?", 4)
+
+    result = asyncio.run(main())
+    assert result.status is None and "error" in result.error
+    assert summarize([result], 1.0, 0.0)["other_errors"] == {"stream ended with error": 1}
