@@ -177,6 +177,16 @@ def bf16_drift(preset: str, device, n_segments: int) -> dict:
             "memory_A_relative": ((state.A.float() - ref_state.A).norm() / ref_state.A.norm()).item()}
 
 
+def _format_sessions(row: dict) -> str:
+    """The sessions result as README "Performance" quotes it (the JSON has every figure)."""
+    lanes = ", ".join(f"{n} lane{'s' * (int(n) > 1)} {t * 1e3:.0f} ms" for n, t in row["shared_by_lanes_s"].items())
+    return (f"{row['sessions']} sessions x {row['segments_each']} segments: shared pipeline "
+            f"{row['shared_over_one_by_one_diagonal']:.2f}x over one-by-one diagonal, "
+            f"{row['shared_over_one_by_one_sequential']:.2f}x over one-by-one sequential "
+            f"({row['shared_pipeline_s'] * 1e3:.0f} ms, {row['one_by_one_diagonal_s'] * 1e3:.0f} ms, "
+            f"{row['one_by_one_sequential_s'] * 1e3:.0f} ms); by lanes: {lanes}")
+
+
 def cuda_peaks(fns: dict, model: ArmtModel | None = None) -> dict:
     """Per path, the most CUDA memory it held beyond what was allocated before it ran (weights, inputs).
 
@@ -235,12 +245,15 @@ def run(preset: str, segments: list[int], opts: Options = Options(), dtype=torch
     if opts.sessions:
         result["sessions"] = measure_sessions(model, opts.sessions, opts.session_segments, opts.repeats,
                                               opts.compiled, opts.graphs)
-        print(json.dumps(result["sessions"], indent=1), flush=True)
+        print(_format_sessions(result["sessions"]), flush=True)
     result.update(peak_memory(device))
     if opts.drift_segments:
         del model
         result["bf16_drift"] = bf16_drift(preset, device, opts.drift_segments)
-        print("bf16 diagonal vs fp32 sequential:", json.dumps(result["bf16_drift"]), flush=True)
+        d = result["bf16_drift"]
+        print(f"bf16 diagonal vs fp32 sequential, {d['segments']} segments: largest logit difference "
+              f"{d['logits_relative']:.1%} of the largest logit, same top token at {d['top1_agreement']:.1%} of "
+              f"positions, memory A {d['memory_A_relative']:.1%} apart", flush=True)
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2))
