@@ -44,29 +44,31 @@ def make_state(nbytes: int) -> MemoryState:
     """A state whose A and z hold about `nbytes` bytes of fp32 (the serialized file adds a small header)."""
     rows = max(1, round(nbytes / 4 / ROW))
     g = torch.Generator().manual_seed(0)
-    return MemoryState(torch.randn(1, rows, ROW, generator=g), torch.randn(1, rows, generator=g)[:, :1], "bench")
+    return MemoryState(torch.randn(1, rows, ROW, generator=g), torch.randn(1, rows, generator=g), "bench")
 
 
-def time_store(store, state: MemoryState, repeats: int) -> dict:
-    """Median / min / max seconds of save and of load of one session, after one warm-up of each."""
+def time_stores(stores: dict, state: MemoryState, repeats: int) -> dict:
+    """Per store: median / min / max seconds of save and of load of one session, after one warm-up of each. Each
+    round saves and loads once in every store, in turn, so that the machine's drift falls on all alike."""
     now = time.time()
     meta = SessionMeta(id="b" * 32, tenant="bench", model="bench", created_at=now, updated_at=now)
-    saves, loads, version = [], [], 0
+    times = {name: {"save": [], "load": []} for name in stores}
     for i in range(repeats + 1):
-        version += 1
-        meta = meta.evolve(version=version)
-        start = time.perf_counter()
-        store.save(meta, state)
-        saved = time.perf_counter() - start
-        start = time.perf_counter()
-        store.load(meta.id, "bench")
-        loaded = time.perf_counter() - start
-        if i:  # the first of each is the warm-up
-            saves.append(saved)
-            loads.append(loaded)
-    store.delete(meta.id)
+        meta = meta.evolve(version=i + 1)
+        for name, store in stores.items():
+            start = time.perf_counter()
+            store.save(meta, state)
+            saved = time.perf_counter() - start
+            start = time.perf_counter()
+            store.load(meta.id, "bench")
+            loaded = time.perf_counter() - start
+            if i:  # the first of each is the warm-up
+                times[name]["save"].append(saved)
+                times[name]["load"].append(loaded)
+    for store in stores.values():
+        store.delete(meta.id)
     summary = lambda xs: {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}  # noqa: E731
-    return {"save": summary(saves), "load": summary(loads)}
+    return {name: {op: summary(xs) for op, xs in ops.items()} for name, ops in times.items()}
 
 
 def start_redis(directory: Path) -> tuple[subprocess.Popen, str]:
@@ -105,7 +107,7 @@ def main() -> None:
             state = make_state(parse_size(text))
             repeats = args.repeats or (5 if parse_size(text) >= 10 * UNITS["MB"] else 20)
             results.append({"size": text.strip(), "state_file_bytes": len(state.to_bytes()), "repeats": repeats,
-                            "disk": time_store(disk, state, repeats), "redis": time_store(redis_store, state, repeats)})
+                            **time_stores({"disk": disk, "redis": redis_store}, state, repeats)})
     finally:
         if proc is not None:
             proc.terminate()
