@@ -69,8 +69,7 @@ class DiagonalPipeline:
         if model.base.rope_depends_on_length(self.width):  # one rotation table serves every cell of a step
             raise ValueError(f"the diagonal executor rotates every segment as {self.width} positions, and this "
                              "model's RoPE scaling (dynamic or longrope) would rotate a shorter last segment "
-                             "differently; use "
-                             "executor='sequential'")
+                             "differently; use executor='sequential'")
         if dev.type == "cpu":
             keep_freed_heap()  # its temporaries would otherwise be page-faulted in again every step (model/heap.py)
         max_lanes = max_lanes or LANES.get(dev.type, 1)

@@ -343,12 +343,10 @@ def _eval_ca(model_dir: Path, ks: list[int | None], variant: str, samples: int, 
 
     hops = list(_ints(max_hop, "--max-hop", low=1)) if max_hop.strip() else [None]
     m = _load(model_dir)
-    if not m.config.act and (hops != [None] or any(v is not None for v in act.values())):
-        _fail("--max-hop, --act-threshold and --act-fixed apply only to models trained with adaptive computation "
-              "time (armt train --act)")
-    try:
+    try:  # the engine's own checks (ACT knobs on a model without ACT, out-of-range values), before any work
         check_fits(m, variant)
-        ActRun.for_model(m.config, threshold=act["act_threshold"], fixed=act["act_fixed"])
+        for hop in hops:
+            ActRun.for_model(m.config, hop, threshold=act["act_threshold"], fixed=act["act_fixed"])
     except ValueError as e:
         _fail(str(e))
     rows = []

@@ -186,4 +186,5 @@ class Scheduler:
             return self._ingests_running() + sum(j.started for j in self._decodes)
 
     def _ingests_running(self) -> int:
-        return sum(job.started and any(job is b for b in self._batch) for job in self._ingests)
+        batch = set(self._batch)  # jobs compare by identity (eq=False)
+        return sum(job.started and job in batch for job in self._ingests)

@@ -100,6 +100,7 @@ class AnswerText:
         self.emitted = ""  # text already sent
         self.text = ""  # the answer so far (trimmed at a stop string once one is found)
         self.stopped = False
+        self._longest = max((len(s) for s in self.stop), default=0)  # a stop string's start waits this long at most
 
     def add(self, token_id: int) -> str:
         """Feed one generated token; returns the new text that is safe to send (maybe empty)."""
@@ -139,7 +140,7 @@ class AnswerText:
 
     def _stop_prefix(self, text: str) -> int:
         """How many characters at the end of text could be the start of a stop string (they wait)."""
-        for n in range(min(len(text), max((len(s) for s in self.stop), default=1) - 1), 0, -1):
+        for n in range(min(len(text), self._longest - 1), 0, -1):
             if any(s.startswith(text[-n:]) for s in self.stop):
                 return n
         return 0
