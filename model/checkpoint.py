@@ -10,7 +10,6 @@ Project format (a directory; official layouts: model/official.py, and the HF ARM
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import torch
@@ -18,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .armt import ArmtModel
-from .config import ArmtConfig, fingerprint
+from .config import ArmtConfig, fingerprint, read_json_object
 from .hf_base import BaseAdapter, build_base, load_base_config
 from .official import is_official, layout_version, merge_lora, split_official, unwrap_peft
 
@@ -40,7 +39,10 @@ def read_weights(directory: Path) -> tuple[dict, dict]:
             return _read_one(directory / name)
         index = directory / f"{name}.index.json"
         if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            weight_map = read_json_object(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{index}: no weight_map object")
+            shards = sorted(set(weight_map.values()))
             tensors, meta = {}, {}
             for shard in shards:
                 part, meta = _read_one(directory / shard)
@@ -50,17 +52,28 @@ def read_weights(directory: Path) -> tuple[dict, dict]:
 
 
 def _read_one(path: Path) -> tuple[dict, dict]:
-    if path.suffix == ".safetensors":
-        return _read_safetensors(path)
-    return torch.load(path, map_location="cpu", weights_only=True), {}
+    """One weights file; a damaged or truncated one is a ValueError naming it (not a traceback from the reader)."""
+    import pickle
+
+    from safetensors import SafetensorError
+
+    try:
+        if path.suffix == ".safetensors":
+            return _read_safetensors(path)
+        tensors = torch.load(path, map_location="cpu", weights_only=True)
+    except (SafetensorError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        raise ValueError(f"{path}: damaged or truncated weights file ({e})") from None
+    if not isinstance(tensors, dict):
+        raise ValueError(f"{path}: holds a {type(tensors).__name__}, not a state dict of tensors")
+    return tensors, {}
 
 
-def _lora_settings(directory: Path, armt: ArmtConfig, kind: str) -> tuple[float | None, bool, bool]:
+def _lora_settings(directory: Path, armt: ArmtConfig) -> tuple[float | None, bool]:
+    """(lora_alpha, use_rslora) from a PEFT adapter_config.json, else lora_alpha from armt_config.json."""
     adapter = directory / "adapter_config.json"
-    cfg = json.loads(adapter.read_text()) if adapter.is_file() else {}
+    cfg = read_json_object(adapter) if adapter.is_file() else {}
     alpha = cfg.get("lora_alpha", armt.extra.get("lora_alpha"))
-    fan_in_fan_out = bool(cfg.get("fan_in_fan_out", kind == "gpt2"))  # GPT-2's Conv1D stores [in, out]
-    return alpha, fan_in_fan_out, bool(cfg.get("use_rslora", False))
+    return alpha, bool(cfg.get("use_rslora", False))
 
 
 def split_weights(directory: Path, tensors: dict, meta: dict, armt: ArmtConfig, adapter: BaseAdapter
@@ -76,7 +89,7 @@ def split_weights(directory: Path, tensors: dict, meta: dict, armt: ArmtConfig, 
     if not is_official(tensors):
         raise ValueError(f"weights in {directory} are neither the project format nor an official ARMT layout")
     base, assoc, lora = split_official(tensors, adapter.layers_attr, adapter.n_layers, adapter.d_model, armt.d_mem)
-    merge_lora(base, lora, *_lora_settings(directory, armt, adapter.kind))
+    merge_lora(base, lora, *_lora_settings(directory, armt))
     return base, assoc
 
 
@@ -153,10 +166,12 @@ def _armt_config(directory: Path, tensors: dict) -> ArmtConfig:
     """The directory's ArmtConfig; the research repo's configs carry no armt_version, so where it is absent an
     official layout that exists only in V2 (`armt.` prefix, sink token) makes it 2 (else the default, 1)."""
     data = ArmtConfig.read_dict(directory)
-    if "armt_version" not in data and is_official(tensors):
-        version = layout_version(tensors)
-        if version is not None:
-            data = {**data, "armt_version": version}
+    version = layout_version(tensors) if is_official(tensors) else None
+    if "armt_version" not in data and version is not None:
+        data = {**data, "armt_version": version}
+    if version == 2 and data.get("armt_version") == 1:
+        raise ValueError(f"{directory}: armt_config says armt_version 1 but the weights are in a layout that exists "
+                         "only in version 2 (armt. prefix or a sink token); set armt_version to 2")
     return ArmtConfig.from_dict(data)
 
 
@@ -195,10 +210,13 @@ def from_base(directory: str | Path, armt: ArmtConfig, seed: int = 0, dtype: tor
 
 
 def name_model(model: ArmtModel, base_config: dict) -> None:
-    """The model's fingerprint, and the one earlier versions gave the same weights (their states stay usable)."""
-    model.fingerprint = fingerprint(base_config, model.config, weights_digest(model))
-    legacy = fingerprint(base_config, model.config, weights_digest(model, legacy=True))
-    model.fingerprints = (model.fingerprint,) + ((legacy,) if legacy != model.fingerprint else ())
+    """The model's fingerprint, and the ones earlier versions gave the same model (their states stay usable): the
+    weight values as loaded (before 2026-12-01), six base config keys (before 2026-12-02)."""
+    digest = weights_digest(model)
+    model.fingerprint = fingerprint(base_config, model.config, digest)
+    earlier = (fingerprint(base_config, model.config, digest, legacy=True),
+               fingerprint(base_config, model.config, weights_digest(model, legacy=True), legacy=True))
+    model.fingerprints = tuple(dict.fromkeys((model.fingerprint, *earlier)))
 
 
 def finish(model: ArmtModel, base_config: dict, directory: Path | None, device) -> ArmtModel:
@@ -207,7 +225,10 @@ def finish(model: ArmtModel, base_config: dict, directory: Path | None, device) 
     if directory is not None and (directory / "tokenizer.json").is_file():
         from tokenizers import Tokenizer
 
-        model.tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+        try:
+            model.tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+        except Exception as e:  # the tokenizers library raises a bare Exception for a malformed file
+            raise ValueError(f"{directory / 'tokenizer.json'}: not a valid tokenizers file ({e})") from None
     return model.to(device).eval()
 
 

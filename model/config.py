@@ -5,6 +5,7 @@ reason about it; `armt_config.json` is its JSON form.
 """
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields
@@ -21,6 +22,7 @@ ACT_KEYS = ("act", "max_hop", "act_threshold", "act_fixed")
 _UNSUPPORTED_TRUE = ("sliding_window", "attend_to_previous_input", "gating", "act_on")
 _RESEARCH_KEYS = (*_UNSUPPORTED_TRUE, "segment_alignment", "lora_alpha")
 _PEFT_PREFIX = "base_model.model."
+_FLAGS = ("correction", "use_sink", "wrap_pos", "use_denom", "act", "act_fixed")
 
 
 @dataclass
@@ -64,6 +66,11 @@ class ArmtConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"armt config: {name} must be an integer, got {value!r}")
+        for name in _FLAGS:  # "false" (a string) would otherwise count as true
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"armt config: {name} must be true or false, got {getattr(self, name)!r}")
+        if self.layers_attr is not None and not isinstance(self.layers_attr, str):
+            raise ValueError(f"armt config: layers_attr must be a dotted path string, got {self.layers_attr!r}")
         if self.num_mem_tokens < 0:
             raise ValueError(f"armt config: num_mem_tokens must be >= 0, got {self.num_mem_tokens}")
         if self.d_mem < 1:
@@ -92,7 +99,8 @@ class ArmtConfig:
     def _check_act(self) -> None:
         if isinstance(self.max_hop, bool) or not isinstance(self.max_hop, int) or self.max_hop < 1:
             raise ValueError(f"armt config: max_hop must be an integer >= 1, got {self.max_hop!r}")
-        if not 0 < self.act_threshold <= 1:
+        if isinstance(self.act_threshold, bool) or not isinstance(self.act_threshold, int | float) \
+                or not 0 < self.act_threshold <= 1:
             raise ValueError(f"armt config: act_threshold must be in (0, 1], got {self.act_threshold!r}")
 
     @property
@@ -111,6 +119,10 @@ class ArmtConfig:
             raise ValueError(f"{ARMT_CONFIG_NAME} lacks required keys: {', '.join(missing)}")
         kwargs = {k: v for k, v in data.items() if k in known}
         extra = {k: v for k, v in data.items() if k not in known}
+        for key in extra:  # other keys ride along (research configs carry many), but a misspelt flag is an error
+            close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.8)
+            if close:
+                raise ValueError(f"{ARMT_CONFIG_NAME}: unknown key {key!r}; did you mean {close[0]!r}?")
         return cls(**kwargs, extra=extra)
 
     @classmethod
@@ -167,12 +179,40 @@ def is_armt_directory(directory: str | Path) -> bool:
     return (Path(directory) / ARMT_CONFIG_NAME).is_file() or hf_armt_config(directory) is not None
 
 
-def fingerprint(base_config: dict, armt: ArmtConfig, weights_digest: str) -> str:
+# The base config keys the fingerprint named before 2026-12-02 (states written then carry that name).
+_BASE_KEYS_V1 = ("model_type", "hidden_size", "n_embd", "num_hidden_layers", "n_layer", "vocab_size")
+# Everything else of a LLaMA / GPT-2 config that changes what the same weights compute.
+_BASE_KEYS = (*_BASE_KEYS_V1, "num_attention_heads", "n_head", "num_key_value_heads", "intermediate_size", "n_inner",
+              "hidden_act", "activation_function", "rms_norm_eps", "layer_norm_epsilon", "attention_bias",
+              "mlp_bias", "scale_attn_weights", "scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn",
+              "tie_word_embeddings")
+
+
+def fingerprint(base_config: dict, armt: ArmtConfig, weights_digest: str, legacy: bool = False) -> str:
     """A short digest naming the exact model: base config, memory config and weights.
 
     A MemoryState is only meaningful under the model that wrote it, so states carry this and loading checks it.
+    The base config enters by what it computes (heads, activation, norm epsilon, RoPE), not by how a transformers
+    version spells it: RoPE as one dict merged from rope_theta / rope_scaling / rope_parameters.
+    `legacy`: the name versions before 2026-12-02 gave (six base keys only), which their states carry.
     """
-    keys = ("model_type", "hidden_size", "n_embd", "num_hidden_layers", "n_layer", "vocab_size")
-    base = {k: base_config.get(k) for k in keys}
+    base = {k: base_config.get(k) for k in (_BASE_KEYS_V1 if legacy else _BASE_KEYS)}
+    if not legacy:
+        heads = base_config.get("num_attention_heads") or base_config.get("n_head")
+        width = base_config.get("hidden_size") or base_config.get("n_embd")
+        base["head_dim"] = base_config.get("head_dim") or (width // heads if width and heads else None)
+        base["rope"] = _rope(base_config)
     payload = json.dumps({"base": base, "armt": armt.to_dict(), "weights": weights_digest}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _rope(base_config: dict) -> dict:
+    """The RoPE settings as one dict, whichever keys the config used (None for learned positions)."""
+    rope = {**(base_config.get("rope_scaling") or {}), **(base_config.get("rope_parameters") or {})}
+    if "type" in rope:  # the older spelling of rope_type
+        rope.setdefault("rope_type", rope.pop("type"))
+    if base_config.get("rope_theta") is not None:
+        rope.setdefault("rope_theta", base_config["rope_theta"])
+    if rope:
+        rope.setdefault("rope_type", "default")
+    return rope or None

@@ -130,6 +130,8 @@ class BaseAdapter(nn.Module):
 
     def extend_positions(self, extra: int) -> None:
         """GPT-2 `wrap_pos`: append `extra` learned rows to the position table for the memory tokens."""
+        if self.kind != "gpt2":
+            raise ValueError("armt config: wrap_pos applies only to GPT-2 bases (learned position table)")
         wpe = self.hf.transformer.wpe
         grown = nn.Embedding(wpe.num_embeddings + extra, wpe.embedding_dim, dtype=wpe.weight.dtype)
         with torch.no_grad():

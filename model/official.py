@@ -128,8 +128,14 @@ def _stack_layers(per_layer: dict, n_layers: int, shapes: dict, where: str) -> d
     return stacked
 
 
-def merge_lora(base: dict, lora: dict, alpha: float | None, fan_in_fan_out: bool, rslora: bool = False) -> None:
-    """Fold LoRA pairs into the base weights in place: W += scale * (B @ A), transposed where needed."""
+# GPT-2's Conv1D modules store their weight [in, out]; PEFT runs LoRA on them with fan_in_fan_out whatever the
+# adapter config says (and without it on a plain Linear such as lm_head, whatever it says).
+CONV1D_MODULES = ("c_attn", "c_proj", "c_fc", "q_attn")
+
+
+def merge_lora(base: dict, lora: dict, alpha: float | None, rslora: bool = False) -> None:
+    """Fold LoRA pairs into the base weights in place: W += scale * (B @ A), transposed where the weight is stored
+    [in, out] (GPT-2's Conv1D) or is an embedding ([vocab, d])."""
     if not lora:
         return
     if alpha is None:
@@ -148,7 +154,7 @@ def merge_lora(base: dict, lora: dict, alpha: float | None, fan_in_fan_out: bool
         r = a.shape[0]
         scale = alpha / (r ** 0.5 if rslora else r)
         delta = b.float() @ a.float()  # [out, in] (embeddings: [d, vocab])
-        if "lora_embedding_A" in parts or fan_in_fan_out:
+        if "lora_embedding_A" in parts or module.rsplit(".", 1)[-1] in CONV1D_MODULES:
             delta = delta.T
         weight = base[key]
         if tuple(delta.shape) != tuple(weight.shape):

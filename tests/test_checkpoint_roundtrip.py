@@ -32,6 +32,23 @@ def test_tied_embeddings_are_tied(tmp_path):
     assert hf.lm_head.weight.data_ptr() == hf.get_input_embeddings().weight.data_ptr()
 
 
+def test_the_fingerprint_tracks_what_the_base_config_computes(tmp_path):
+    """The same weights under other heads, activation, norm epsilon or RoPE compute something else: a state of
+    one must not be accepted by the other (the fingerprint named six base keys before 2026-12-02)."""
+    armt = ArmtConfig(num_mem_tokens=2, d_mem=4, segment_size=8)
+    ArmtModel.from_config(tiny_config("llama"), armt).save_pretrained(tmp_path / "a")
+    names = {ArmtModel.from_pretrained(tmp_path / "a").fingerprint}
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    changes = [{"num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16}, {"hidden_act": "gelu"},
+               {"rms_norm_eps": 1e-3}, {"rope_parameters": {"rope_type": "default", "rope_theta": 500.0}}]
+    for i, change in enumerate(changes):
+        directory = tmp_path / f"b{i}"
+        ArmtModel.from_pretrained(tmp_path / "a").save_pretrained(directory)
+        (directory / "config.json").write_text(json.dumps({**config, **change}))
+        names.add(ArmtModel.from_pretrained(directory).fingerprint)
+    assert len(names) == 1 + len(changes)
+
+
 def test_fingerprint_tracks_weights(tmp_path):
     cfg = tiny_config("gpt2")
     a = ArmtModel.from_config(cfg, ArmtConfig(num_mem_tokens=2, d_mem=4, segment_size=8), seed=0)
@@ -106,10 +123,77 @@ def test_states_of_the_fingerprint_earlier_versions_gave_a_model_stay_usable(tmp
     from model.config import fingerprint
 
     model = ArmtModel.from_pretrained(default_model_path())
-    old = fingerprint(model.base.config.to_dict(), model.config, weights_digest(model, legacy=True))
-    assert old != model.fingerprint and model.fingerprints == (model.fingerprint, old)
+    base = model.base.config.to_dict()
+    old = fingerprint(base, model.config, weights_digest(model, legacy=True), legacy=True)
+    before = fingerprint(base, model.config, weights_digest(model), legacy=True)  # 2026-12-01: six base keys
+    assert model.fingerprints == (model.fingerprint, before, old) and len(set(model.fingerprints)) == 3
     state = model.ingest(model.new_state(), list(range(70)))
     state.fingerprint = old  # as an earlier version wrote it
     state.save(tmp_path / "old.safetensors")
     loaded = MemoryState.load(tmp_path / "old.safetensors", fingerprint=model.fingerprints)
     assert model.ingest(loaded, [1, 2]).fingerprint == model.fingerprint  # accepted, and written under the new name
+
+
+def test_a_damaged_weights_file_is_an_error_naming_it(tmp_path):
+    """A truncated download must not end in a traceback from the reader (the CLI and the service print ValueError)."""
+    import pytest
+
+    from model.checkpoint import read_weights
+
+    model = ArmtModel.from_config(tiny_config("llama"), ArmtConfig(num_mem_tokens=2, d_mem=4, segment_size=8))
+    model.save_pretrained(tmp_path / "st")
+    path = tmp_path / "st" / "model.safetensors"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"model\.safetensors: damaged or truncated"):
+        ArmtModel.from_pretrained(tmp_path / "st")
+    directory = write_official(build_reference("gpt2"), tmp_path / "bin")
+    path = directory / "pytorch_model.bin"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"pytorch_model\.bin: damaged or truncated"):
+        read_weights(directory)
+
+
+def test_a_malformed_tokenizer_is_an_error_naming_it(tmp_path):
+    import pytest
+
+    model = ArmtModel.from_config(tiny_config("llama"), ArmtConfig(num_mem_tokens=2, d_mem=4, segment_size=8))
+    model.save_pretrained(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"tokenizer\.json: not a valid tokenizers file"):
+        ArmtModel.from_pretrained(tmp_path)
+
+
+def test_armt_config_values_of_the_wrong_type_or_misspelt_keys_are_errors():
+    """JSON written by hand: "false" (a string) is true in Python, and a misspelt flag was silently ignored."""
+    import pytest
+
+    base = {"num_mem_tokens": 2, "d_mem": 4, "segment_size": 8}
+    for key, value, message in [("correction", "false", "correction must be true or false, got 'false'"),
+                                ("use_sink", 1, "use_sink must be true or false, got 1"),
+                                ("act_threshold", "0.9", "act_threshold must be in"),
+                                ("layers_attr", 3, "layers_attr must be a dotted path string, got 3"),
+                                ("corection", False, "unknown key 'corection'; did you mean 'correction'")]:
+        with pytest.raises(ValueError, match=message):
+            ArmtConfig.from_dict({**base, key: value})
+    assert ArmtConfig.from_dict({**base, "max_n_segments": 8}).extra == {"max_n_segments": 8}  # research keys ride
+
+
+def test_wrap_pos_on_a_llama_base_is_a_clear_error():
+    import pytest
+
+    with pytest.raises(ValueError, match="wrap_pos applies only to GPT-2"):
+        ArmtModel.from_config(tiny_config("llama"), ArmtConfig(num_mem_tokens=2, d_mem=4, segment_size=8,
+                                                               wrap_pos=True))
+
+
+def test_a_v1_config_on_a_layout_that_exists_only_in_v2_is_refused(tmp_path):
+    """The `armt.` prefix belongs to V2's HF ARMTForCausalLM: read as V1 it loaded without the L2 normalisation
+    (logits 0.4 off)."""
+    import pytest
+
+    directory = write_official(build_reference("llama", version=2), tmp_path, version=2, fmt="safetensors")
+    config = json.loads((directory / "armt_config.json").read_text())
+    (directory / "armt_config.json").write_text(json.dumps({**config, "armt_version": 1}))
+    with pytest.raises(ValueError, match="armt_version 1 but the weights are in a layout that exists only in "
+                                         "version 2"):
+        ArmtModel.from_pretrained(directory)

@@ -85,9 +85,11 @@ def test_gpt2_wrap_pos_detected_from_position_table(tmp_path):
     assert_close(model.forward_long(ids)[0], ref.forward_long(ids), atol=1e-5, rtol=1e-5)
 
 
-def _loraize(state: dict, prefix: str, targets: list[str], r: int, alpha: float, conv1d: bool) -> dict:
+def _loraize(state: dict, prefix: str, targets: list[str], r: int, alpha: float, conv1d: tuple[str, ...] = ()
+             ) -> dict:
     """PEFT-wrap the base (`model.` -> `model.base_model.model.`) and split chosen weights W into
-    base_layer W0 + lora_A/lora_B with W = W0 + alpha / r * B @ A (transposed for GPT-2's Conv1D)."""
+    base_layer W0 + lora_A/lora_B with W = W0 + alpha / r * B @ A (transposed for the modules named in conv1d,
+    GPT-2's Conv1D, which store [in, out])."""
     out = {}
     g = torch.Generator().manual_seed(3)
     for key, w in state.items():
@@ -100,21 +102,23 @@ def _loraize(state: dict, prefix: str, targets: list[str], r: int, alpha: float,
         if not (key.endswith(".weight") and module.split(".")[-1] in targets):
             out[new_key] = w
             continue
-        out_f, in_f = (w.shape[1], w.shape[0]) if conv1d else tuple(w.shape)
+        transposed = module.split(".")[-1] in conv1d
+        out_f, in_f = (w.shape[1], w.shape[0]) if transposed else tuple(w.shape)
         A = torch.randn(r, in_f, generator=g) * 0.1
         B = torch.randn(out_f, r, generator=g) * 0.1
         delta = alpha / r * (B @ A)  # [out, in]
-        out[module + ".base_layer.weight"] = w - (delta.T if conv1d else delta)
+        out[module + ".base_layer.weight"] = w - (delta.T if transposed else delta)
         out[module + ".lora_A.default.weight"] = A
         out[module + ".lora_B.default.weight"] = B
     return out
 
 
-@pytest.mark.parametrize("kind,targets,conv1d", [("llama", ["q_proj", "v_proj", "down_proj"], False),
-                                                  ("gpt2", ["c_attn", "c_fc"], True)])
+@pytest.mark.parametrize("kind,targets,conv1d", [("llama", ["q_proj", "v_proj", "down_proj"], ()),
+                                                  ("gpt2", ["c_attn", "c_fc", "lm_head"], ("c_attn", "c_fc"))])
 @pytest.mark.parametrize("peft_layers_attr", [False, True])
 def test_lora_weights_are_merged(tmp_path, kind, targets, conv1d, peft_layers_attr):
-    """The research configs of a PEFT-wrapped base name its blocks `base_model.model.<layers>`."""
+    """The research configs of a PEFT-wrapped base name its blocks `base_model.model.<layers>`. A GPT-2 adapter
+    says fan_in_fan_out, which PEFT applies to the Conv1D modules only: lm_head is a plain Linear [out, in]."""
     ref = build_reference(kind)
     extra = {"layers_attr": f"base_model.model.{LAYERS_ATTR[kind]}"} if peft_layers_attr else {}
     directory = write_official(ref, tmp_path, **extra)
@@ -122,7 +126,8 @@ def test_lora_weights_are_merged(tmp_path, kind, targets, conv1d, peft_layers_at
     state = {k: v for k, v in state.items() if not k.startswith("memory_cell.layers.")}
     torch.save(_loraize(state, "memory_cell.", targets, r=4, alpha=16.0, conv1d=conv1d),
                directory / "pytorch_model.bin")
-    (directory / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 16.0}))
+    (directory / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 16.0,
+                                                               "fan_in_fan_out": kind == "gpt2"}))
     model = ArmtModel.from_pretrained(directory)
     ids = _ids(33)
     assert_close(model.forward_long(ids)[0], ref.forward_long(ids), atol=1e-5, rtol=1e-5)
@@ -132,7 +137,7 @@ def test_lora_without_alpha_is_a_clear_error(tmp_path):
     ref = build_reference("llama")
     directory = write_official(ref, tmp_path)
     state = torch.load(directory / "pytorch_model.bin", weights_only=True)
-    torch.save(_loraize(state, "memory_cell.", ["q_proj"], r=4, alpha=16.0, conv1d=False),
+    torch.save(_loraize(state, "memory_cell.", ["q_proj"], r=4, alpha=16.0),
                directory / "pytorch_model.bin")
     with pytest.raises(ValueError, match="lora_alpha"):
         ArmtModel.from_pretrained(directory)
