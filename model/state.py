@@ -88,6 +88,8 @@ class MemoryState:
         from safetensors.torch import load as load_tensors
 
         meta = json.loads(header_metadata(data).get("armt", "{}"))
+        if not isinstance(meta, dict):
+            raise ValueError(f"not an ARMT memory state (its metadata is a JSON {type(meta).__name__})")
         if meta.get("format") != STATE_FORMAT:
             raise ValueError(f"not an ARMT memory state (format {meta.get('format')!r})")
         try:

@@ -308,3 +308,15 @@ def test_the_example_secrets_placeholder_key_is_refused():
 
     with pytest.raises(ValidationError, match="placeholder of the example secret"):
         Settings(api_keys="good-key=a,replace-me-with-a-random-key=default")
+
+
+def test_damaged_metadata_is_a_store_error_and_left_out_of_listings(store):
+    """Metadata that is not a JSON object was a 500 on lookups and failed the tenant's whole listing."""
+    store.save(meta(), state())
+    store.save(meta("b" * 32, created_at=2.0), state())
+    store.r.hset(store._key("a" * 32), "meta", "null")
+    with pytest.raises(StoreError, match="cannot read session a+: session metadata is a JSON NoneType"):
+        store.get("a" * 32)
+    with pytest.raises(StoreError, match="not an object"):
+        store.load("a" * 32, "fp")
+    assert [m.id for m in store.page("t", None, 10)] == ["b" * 32]

@@ -228,3 +228,76 @@ def test_the_store_latency_bench_writes_states_a_store_can_read(tmp_path):
     assert MemoryState.from_bytes(state.to_bytes(), "bench").z.shape == state.A.shape[:2]
     times = time_stores({"a": DiskStore(tmp_path / "a"), "b": DiskStore(tmp_path / "b")}, state, 2)
     assert set(times) == {"a", "b"} and all(t["save"]["min"] > 0 and t["load"]["min"] > 0 for t in times.values())
+
+
+def _wait_for_tmp(root, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not list((root / "sessions").glob(".*.tmp")):
+        assert time.monotonic() < deadline, "the save never reached its temporary file"
+        time.sleep(0.01)
+
+
+def test_a_delete_waits_for_a_save_in_flight_and_the_session_stays_deleted(tmp_path):
+    """A save past its version check renamed its file back in after a delete: the acknowledged DELETE was undone
+    (and survived a restart)."""
+    import threading
+
+    store = DiskStore(tmp_path, fault_delay_save_s=0.4)
+    first = meta(write_id="w1")
+    store.save(first, state())
+    writer = threading.Thread(target=store.save, args=(first.evolve(version=2, write_id="w2"), state(), "w1"))
+    writer.start()
+    _wait_for_tmp(tmp_path)  # between its temporary file and its rename
+    store.delete(first.id)
+    writer.join()
+    assert store.get(first.id) is None and not list((tmp_path / "sessions").glob("*.safetensors"))
+    assert list(DiskStore(tmp_path).scan()) == []
+
+
+def test_session_metadata_that_is_not_an_object_is_one_unreadable_session(tmp_path):
+    """JSON `null` in a session file's header failed the store's start (AttributeError out of the scan) and its
+    load was a 500: it is skipped at start, and reading it is a StoreError (503) like any damaged file."""
+    import json
+
+    from safetensors.torch import save as save_tensors
+
+    from service.core.store import SESSION_KEY
+
+    good, s = meta("b" * 32), state()
+    DiskStore(tmp_path).save(good, s)
+    (tmp_path / "sessions" / f"{'a' * 32}.safetensors").write_bytes(s.to_bytes({SESSION_KEY: "null"}))
+    header = {"armt": "[]", SESSION_KEY: json.dumps(meta("c" * 32).to_json())}
+    (tmp_path / "sessions" / f"{'c' * 32}.safetensors").write_bytes(save_tensors({"A": s.A}, metadata=header))
+    store = DiskStore(tmp_path)  # starts
+    assert [m.id for m in store.scan()] == ["b" * 32, "c" * 32]
+    with pytest.raises(StoreError, match="not an object"):
+        store.load("a" * 32, "fp")
+    with pytest.raises(StoreError, match="its metadata is a JSON list"):
+        store.load("c" * 32, "fp")
+
+
+def test_a_cancelled_commit_waits_for_its_write_and_keeps_the_cache_in_step(tmp_path):
+    """A request cancelled during its state write (a server shutting down) released the session lock at once while
+    the write went on in its thread, and left the cache a version behind the store."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from service.core.sessions import SessionService
+    from service.core.stats import ServiceStats
+
+    store = DiskStore(tmp_path, fault_delay_save_s=0.4)
+    first, s = meta(write_id="w1"), state()
+    store.save(first, s)
+    service = SessionService(SimpleNamespace(tokenizer=None), store, None, ServiceStats(),
+                             SimpleNamespace(state_cache_size=4))
+
+    async def main():
+        commit = asyncio.ensure_future(service._commit(first, s))
+        await asyncio.to_thread(_wait_for_tmp, tmp_path)
+        commit.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await commit
+        return store.get(first.id).version  # at the moment the cancelled request ended
+
+    assert asyncio.run(main()) == 2
+    assert service._cache[first.id][0] == store.get(first.id)

@@ -120,7 +120,12 @@ class RedisStore:
     # ------------------------------------------------------------------ protocol
     def get(self, session_id: str) -> SessionMeta | None:
         raw = self._call("read", session_id, self.r.hget, self._key(session_id), "meta")
-        return SessionMeta.from_json(json.loads(raw)) if raw is not None else None
+        if raw is None:
+            return None
+        try:
+            return SessionMeta.parse(raw)
+        except ValueError as e:
+            raise StoreError(f"cannot read session {session_id}: {e}") from None
 
     def page(self, tenant: str, after: tuple[int, str] | None, limit: int) -> list[SessionMeta]:
         """Reads the tenant's sorted set from `after`'s score on, in batches, skipping expired entries."""
@@ -141,8 +146,19 @@ class RedisStore:
             if gone:  # expired sessions: drop their listing entries
                 self._call("list", tenant, self.r.zrem, key, *gone)
                 start -= len(gone)
-            out += [SessionMeta.from_json(json.loads(raw)) for raw in raws if raw is not None]
+            out += [meta for session_id, raw in zip(ids, raws) if raw is not None
+                    and (meta := self._parse_listed(session_id, raw)) is not None]
         return out[:limit]
+
+    @staticmethod
+    def _parse_listed(session_id: str, raw: bytes) -> SessionMeta | None:
+        """A listed session's metadata; a damaged one is logged and left out of the listing (as the disk store's
+        scan does), so that one bad entry does not fail the whole page."""
+        try:
+            return SessionMeta.parse(raw)
+        except ValueError as e:
+            log.error("skipping unreadable session %s in a listing: %s", session_id, e)
+            return None
 
     def count(self) -> int:
         p = self.prefix
@@ -180,7 +196,7 @@ class RedisStore:
         if raw is None or data is None:
             raise SessionNotFound(f"no session {session_id}")
         try:
-            meta = SessionMeta.from_json(json.loads(raw))
+            meta = SessionMeta.parse(raw)
             state = MemoryState.from_bytes(data, fingerprint=fingerprint)
         except StateMismatchError as e:
             raise StateConflict(f"session {session_id} holds a state this server's model cannot use: {e}") from None

@@ -94,8 +94,12 @@ class SessionService:
         await self.get(tenant, session_id)
         async with self._lock(session_id):
             await self.get(tenant, session_id)  # deleted meanwhile?
-            await asyncio.to_thread(self.store.delete, session_id)
+            delete = asyncio.ensure_future(asyncio.to_thread(self.store.delete, session_id))
+            cancelled = await _outlast_cancellation(delete)
             self._cache.pop(session_id, None)
+            delete.result()
+            if cancelled:
+                raise asyncio.CancelledError
         self._locks.pop(session_id, None)
 
     # ------------------------------------------------------------------ append
@@ -246,8 +250,10 @@ class SessionService:
                            state_bytes=state.nbytes, state_digest=await asyncio.to_thread(state.digest),
                            version=meta.version + 1, write_id=secrets.token_hex(8))
         start = time.perf_counter()
+        write = asyncio.ensure_future(asyncio.to_thread(self.store.save, meta, state, replaces))
+        cancelled = await _outlast_cancellation(write)
         try:
-            await asyncio.to_thread(self.store.save, meta, state, replaces)
+            write.result()
         except VersionConflict:
             with self.stats.lock:
                 self.stats.store.version_conflicts += 1
@@ -255,6 +261,8 @@ class SessionService:
         with self.stats.lock:
             self.stats.store.save_seconds.observe(time.perf_counter() - start)
         self._remember(meta.id, (meta, state))
+        if cancelled:  # the write is stored and cached; the request still ends as cancelled
+            raise asyncio.CancelledError
         return meta
 
     def _remember(self, session_id: str, pair: tuple[SessionMeta, object]) -> None:
@@ -262,3 +270,18 @@ class SessionService:
         self._cache.move_to_end(session_id)
         while len(self._cache) > self.cfg.state_cache_size:
             self._cache.popitem(last=False)
+
+
+async def _outlast_cancellation(work: asyncio.Future) -> bool:
+    """Wait for `work` (a store write in a thread) to finish even if this task is cancelled meanwhile (at shutdown,
+    say); returns whether it was. The thread cannot be stopped: a caller that returned at the cancellation would
+    release the session's lock while the write still runs, and leave its cache one version behind the store."""
+    cancelled = False
+    while not work.done():
+        try:
+            await asyncio.shield(work)
+        except asyncio.CancelledError:
+            cancelled = True
+        except Exception:  # noqa: S110  the caller reads work.result()
+            pass
+    return cancelled

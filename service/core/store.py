@@ -19,6 +19,7 @@ import struct
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
 
@@ -151,7 +152,7 @@ class DiskStore:
             if not SESSION_ID.match(path.stem):
                 continue
             try:
-                meta = SessionMeta.from_json(json.loads(header_metadata(_read_header(path))[SESSION_KEY]))
+                meta = SessionMeta.parse(header_metadata(_read_header(path))[SESSION_KEY])
             except (OSError, ValueError, KeyError, TypeError) as e:
                 log.error("skipping unreadable session file %s: %s", path, e)
                 continue
@@ -161,9 +162,7 @@ class DiskStore:
     def save(self, meta: SessionMeta, state: MemoryState, replaces: str = "") -> None:
         path = self._path(meta.id)
         data = state.to_bytes({SESSION_KEY: json.dumps(meta.to_json(), sort_keys=True)})
-        with self._lock:
-            writing = self._writing.setdefault(meta.id, threading.Lock())
-        with writing:  # check, write and publish one session's version at a time; other sessions go on
+        with self._session_lock(meta.id):  # check, write and publish one version at a time; other sessions go on
             current = self._index.get(meta.id)
             check_version(meta.id, current, meta, replaces)
             try:
@@ -174,10 +173,27 @@ class DiskStore:
                 self._sizes[meta.id] = len(data)
                 self._index[meta.id] = meta
 
+    @contextmanager
+    def _session_lock(self, session_id: str) -> Iterator[None]:
+        """Hold the session's write lock: its saves and its delete run one at a time (a save already past its version
+        check when a delete came would otherwise rename its file back in, and the deleted session return).
+
+        A delete drops the lock from the table (no entry per deleted session lingers); a writer that was waiting on
+        that lock meanwhile takes the table's current one instead, so that all writers of an id share one lock."""
+        while True:
+            with self._lock:
+                writing = self._writing.setdefault(session_id, threading.Lock())
+            with writing:
+                with self._lock:
+                    current = self._writing.get(session_id) is writing
+                if current:
+                    yield
+                    return
+
     def load(self, session_id: str, fingerprint: str | tuple[str, ...]) -> tuple[SessionMeta, MemoryState]:
         try:
             data = self._path(session_id).read_bytes()
-            meta = SessionMeta.from_json(json.loads(header_metadata(data)[SESSION_KEY]))
+            meta = SessionMeta.parse(header_metadata(data)[SESSION_KEY])
             state = MemoryState.from_bytes(data, fingerprint=fingerprint)
         except StateMismatchError as e:
             raise StateConflict(f"session {session_id} holds a state this server's model cannot use: {e}") from None
@@ -190,15 +206,16 @@ class DiskStore:
         return meta, state
 
     def delete(self, session_id: str) -> None:
-        try:
-            self._path(session_id).unlink(missing_ok=True)
-            fsync_dir(self.dir)
-        except OSError as e:
-            raise StoreError(f"cannot delete session {session_id}: {e.strerror or e}") from None
-        with self._lock:
-            self._sizes.pop(session_id, None)
-            self._index.pop(session_id, None)
-            self._writing.pop(session_id, None)
+        with self._session_lock(session_id):
+            try:
+                self._path(session_id).unlink(missing_ok=True)
+                fsync_dir(self.dir)
+            except OSError as e:
+                raise StoreError(f"cannot delete session {session_id}: {e.strerror or e}") from None
+            with self._lock:
+                self._sizes.pop(session_id, None)
+                self._index.pop(session_id, None)
+                self._writing.pop(session_id, None)
 
     def check(self) -> str | None:
         if not self.dir.is_dir():

@@ -1,6 +1,8 @@
 """Requests and results of the core as plain dataclasses (the HTTP layer converts them to and from JSON)."""
 from __future__ import annotations
 
+import json
+
 import re
 from dataclasses import asdict, dataclass, fields, replace
 
@@ -64,6 +66,18 @@ class SessionMeta:
         last = d.get("last_append")
         d["last_append"] = LastAppend(**last) if last else None
         return cls(**d)
+
+    @classmethod
+    def parse(cls, raw: str | bytes) -> "SessionMeta":
+        """Stored JSON -> SessionMeta; anything malformed (not JSON, not an object, fields missing or of the wrong
+        type) is a ValueError, so that a store reports one damaged session instead of failing as a whole."""
+        try:
+            d = json.loads(raw)
+            if not isinstance(d, dict):
+                raise ValueError(f"session metadata is a JSON {type(d).__name__}, not an object")
+            return cls.from_json(d)
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"malformed session metadata: {e!r}") from None
 
     def evolve(self, **changes) -> "SessionMeta":
         return replace(self, **changes)
