@@ -16,7 +16,8 @@ from service.core.config import CoreConfig, redact_url
 
 DEMO_MODEL_DIR = Path(".cache/demo-model")
 MiB = 1024 * 1024
-_KEY_ITEM = re.compile(r"^([^=\s,]+)=([A-Za-z0-9_.\-]+)$")
+# a key of printable ASCII but ',' and '=' (HTTP headers arrive as Latin-1: a non-ASCII key could never match)
+_KEY_ITEM = re.compile(r"^([!-+\--<>-~]+)=([A-Za-z0-9_.\-]+)$")
 
 
 def default_model_dir() -> Path:
@@ -60,7 +61,7 @@ class Settings(BaseSettings):
     append_chunk_bytes: int = Field(1 * MiB, ge=1024)
     max_new_tokens_limit: int = Field(1024, ge=1)
     default_max_new_tokens: int = Field(64, ge=1)
-    max_question_chars: int = Field(16_384, ge=1)
+    max_question_chars: int = Field(16_384, ge=1, le=1_000_000)
     max_queue: int = Field(64, ge=1)
     # Places of the engine queue one tenant may hold at once; 0: half the queue when ARMT_API_KEYS names two or more
     # tenants (so that one cannot lock the others out, with slow uploads say), else no share.
@@ -69,7 +70,7 @@ class Settings(BaseSettings):
     max_sessions_per_tenant: int = Field(10_000, ge=0)
     max_batch_sessions: int = Field(16, ge=1)
     ingest_unit_segments: int = Field(16, ge=1)
-    retry_after_seconds: int = Field(1, ge=0)
+    retry_after_seconds: int = Field(1, ge=1)
     state_cache_size: int = Field(64, ge=0)
     sse_ping_seconds: float = Field(15.0, gt=0)
     # After SIGTERM, how long a streamed answer may go on before it ends with an `error` event (shutting_down).
@@ -86,6 +87,11 @@ class Settings(BaseSettings):
     fault_delay_save_s: float = Field(0.0, ge=0)
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
 
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_log_level(cls, value):
+        return value.lower() if isinstance(value, str) else value
+
     @field_validator("store")
     @classmethod
     def _check_store(cls, value: str) -> str:
@@ -99,8 +105,8 @@ class Settings(BaseSettings):
     def _check_keys(cls, value: str) -> str:
         for number, item in enumerate(filter(None, (part.strip() for part in value.split(","))), 1):
             if not _KEY_ITEM.match(item):  # the message must not quote the item: it holds a secret
-                raise ValueError(f"ARMT_API_KEYS item {number} is not KEY=TENANT (a key without spaces, commas or "
-                                 "'='; a tenant of letters, digits, '_', '.', '-')")
+                raise ValueError(f"ARMT_API_KEYS item {number} is not KEY=TENANT (a key of printable ASCII without "
+                                 "spaces, commas or '='; a tenant of letters, digits, '_', '.', '-')")
             if item.startswith("replace-me"):  # deploy/k8s/common/secret.yaml's placeholder, deployed as it is
                 raise ValueError(f"ARMT_API_KEYS item {number} is the placeholder of the example secret: put a "
                                  "random key there (e.g. `openssl rand -hex 24`)")

@@ -125,3 +125,25 @@ def test_sessions_are_visible_only_to_their_tenant_also_after_a_restart(tiny_mod
         assert c.get(f"/v1/sessions/{sid}", headers=A).json() == before
     assert another_tenants_requests(c, sid, A) == [200, 200, 200, 200, 204]  # the append: a retry of A's own
     c.__exit__(None, None, None)
+
+
+def test_every_v1_route_declares_the_statuses_its_checks_answer(tmp_path):
+    """Every /v1 route refuses an unknown query parameter (422), and create-session's empty body is held to the JSON
+    limit (413): the OpenAPI document left both out for some routes."""
+    spec = create_app(Settings(data_dir=tmp_path)).openapi()
+    missing = [f"{method.upper()} {path}" for path, ops in spec["paths"].items() if path.startswith("/v1")
+               for method, op in ops.items() if "422" not in op["responses"]]
+    assert not missing, missing
+    assert "413" in spec["paths"]["/v1/sessions"]["post"]["responses"]
+
+
+@pytest.mark.parametrize("field, value", [("api_keys", "ka=alice,\u043a\u043b\u044e\u0447=dave"),
+                                          ("max_question_chars", 2_000_000), ("retry_after_seconds", 0)])
+def test_settings_that_could_never_work_as_configured_are_refused(tmp_path, field, value):
+    """A non-ASCII key could never match (headers arrive as Latin-1); questions over 1,000,000 characters are
+    refused by the schema whatever the setting; Retry-After 0 went out as 1."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=field):
+        Settings(data_dir=tmp_path, **{field: value})
+    assert Settings(data_dir=tmp_path, log_level="INFO").log_level == "info"

@@ -425,3 +425,46 @@ def test_openai_features_the_server_lacks_are_refused(c):
     sampled = {**body, "temperature": 1.5, "seed": 3, "max_tokens": 6}
     greedy = c.post("/v1/chat/completions", json={**body, "max_tokens": 6}).json()["choices"][0]["message"]
     assert c.post("/v1/chat/completions", json={**sampled, "top_p": 0}).json()["choices"][0]["message"] == greedy
+
+
+async def _raw_asgi(app, method: str, path: str, headers: list, messages: list, query: bytes = b""):
+    """One request straight through the ASGI app, its body as `messages` (to send what no HTTP client sends: a
+    disconnect in the middle of a body, a header value that is not ASCII) -> (status, body)."""
+    import asyncio
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
+             "path": path, "raw_path": path.encode(), "query_string": query, "root_path": "", "headers": headers,
+             "client": ("127.0.0.1", 1), "server": ("testserver", 80)}
+    pending, sent = list(messages), []
+
+    async def receive():
+        if pending:
+            return pending.pop(0)
+        await asyncio.sleep(3600)
+
+    async def send(message):
+        sent.append(message)
+
+    await app(scope, receive, send)
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    return status, json.loads(b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"))
+
+
+def test_a_client_gone_in_the_middle_of_a_json_body_is_a_499_not_malformed_json(c):
+    """FastAPI reports a disconnect while it reads a JSON body as "error parsing the body": it was answered and
+    counted as 400 malformed_json, a client mistake, where the append route says 499 cancelled."""
+    sid = new(c)
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"40")]
+    body = [{"type": "http.request", "body": b'{"question":', "more_body": True}, {"type": "http.disconnect"}]
+    for path in (f"/v1/sessions/{sid}/ask", "/v1/chat/completions"):
+        status, answer = c.portal.call(_raw_asgi, c.app, "POST", path, headers, list(body))
+        assert (status, answer["error"]["code"]) == (499, "cancelled"), answer
+
+
+def test_a_content_length_of_non_ascii_digits_is_refused(c):
+    """'²' is a digit to str.isdigit but not to int(): the append answered 500."""
+    sid = new(c)
+    headers = [(b"content-type", b"text/plain"), (b"content-length", "\u00b2".encode("latin-1"))]
+    status, answer = c.portal.call(_raw_asgi, c.app, "POST", f"/v1/sessions/{sid}/append", headers,
+                                   [{"type": "http.request", "body": b"ab", "more_body": False}], b"offset=0")
+    assert (status, answer["error"]["code"]) == (422, "invalid_request"), answer

@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from service.core import errors as e
 
@@ -103,6 +104,8 @@ def _not_json(request: Request) -> bool:
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     if exc.status_code == 400 and exc.detail == "There was an error parsing the body":  # FastAPI: not UTF-8 JSON
+        if isinstance(exc.__cause__ or exc.__context__, ClientDisconnect):  # FastAPI says the same of a client gone
+            return await _core_error(request, e.Cancelled("the client disconnected before its request body ended"))
         return error_response(request, 400, "malformed_json", "the request body is not valid JSON in UTF-8")
     code = _HTTP_CODES.get(exc.status_code, "http_error")
     return error_response(request, exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))

@@ -26,7 +26,7 @@ from service.settings import Settings
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=V1_CHECKS)
 
 
-@router.get("/models", responses=error_responses(401))
+@router.get("/models", responses=error_responses(401, 422))
 async def list_models(request: Request, tenant: Tenant) -> dict:
     """The one model this server runs (OpenAI `models.list` shape)."""
     return {"object": "list", "data": [{"id": _model_id(request), "object": "model", "created": 0,

@@ -18,7 +18,7 @@ ERRORS = error_responses(*V1, 404)  # routes naming a session
 MAX_OFFSET = 2**63 - 1
 
 
-@router.post("", status_code=201, response_model=SessionOut, responses=error_responses(401, 403, 503))
+@router.post("", status_code=201, response_model=SessionOut, responses=error_responses(*V1, 403, 413))
 async def create_session(tenant: Tenant, svc: Sessions) -> SessionOut:
     """A new, empty session (memory state written to the store before the 201)."""
     return SessionOut.of(await svc.create(tenant))
@@ -77,7 +77,7 @@ def _content_length(request: Request) -> int | None:
     value = request.headers.get("content-length")
     if value is None:
         return None
-    if not value.isdigit():
+    if not (value.isascii() and value.isdigit()):  # str.isdigit alone takes '²', which int() refuses
         raise InvalidRequest(f"bad Content-Length {value!r}")
     return int(value)
 
