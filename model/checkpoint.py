@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from .armt import ArmtModel
 from .config import ArmtConfig, fingerprint, read_json_object
 from .hf_base import BaseAdapter, build_base, load_base_config
-from .official import is_official, layout_version, merge_lora, split_official, unwrap_peft
+from .official import IGNORED_SUFFIXES, is_official, layout_version, merge_lora, split_official, unwrap_peft
 
 FORMAT = "armt-serve/1"
 WEIGHTS = "model.safetensors"
@@ -68,12 +68,13 @@ def _read_one(path: Path) -> tuple[dict, dict]:
     return tensors, {}
 
 
-def _lora_settings(directory: Path, armt: ArmtConfig) -> tuple[float | None, bool]:
-    """(lora_alpha, use_rslora) from a PEFT adapter_config.json, else lora_alpha from armt_config.json."""
+def _lora_settings(directory: Path, armt: ArmtConfig) -> tuple[float | None, bool, dict]:
+    """(lora_alpha, use_rslora, alpha_pattern) from a PEFT adapter_config.json, else lora_alpha from
+    armt_config.json."""
     adapter = directory / "adapter_config.json"
     cfg = read_json_object(adapter) if adapter.is_file() else {}
     alpha = cfg.get("lora_alpha", armt.extra.get("lora_alpha"))
-    return alpha, bool(cfg.get("use_rslora", False))
+    return alpha, bool(cfg.get("use_rslora", False)), cfg.get("alpha_pattern") or {}
 
 
 def split_weights(directory: Path, tensors: dict, meta: dict, armt: ArmtConfig, adapter: BaseAdapter
@@ -203,10 +204,20 @@ def from_base(directory: str | Path, armt: ArmtConfig, seed: int = 0, dtype: tor
     directory = Path(directory)
     base_config = load_base_config(directory)
     model = create(base_config, armt, dtype=dtype, seed=seed)
-    tensors, _ = read_weights(directory)
+    tensors = _causal_lm_keys(read_weights(directory)[0], model.base.hf.base_model_prefix)
     fresh = {n: p.detach().clone() for n in ASSOC_NAMES if (p := getattr(model, n)) is not None}
     load_into(model, tensors, fresh)
     return finish(model, base_config.to_dict(), directory, "cpu")
+
+
+def _causal_lm_keys(tensors: dict, prefix: str) -> dict:
+    """A plain base's weights under the *ForCausalLM names: checkpoints of the bare model (the hub's GPT-2 stores
+    `h.0...`, `wte.weight` without `transformer.`) get the base prefix, and buffers old transformers versions
+    saved (`attn.bias`, `rotary_emb.inv_freq`) are dropped, as transformers' own loader does."""
+    tensors = {k: v for k, v in tensors.items() if not k.endswith(IGNORED_SUFFIXES)}
+    if any(k.startswith(f"{prefix}.") for k in tensors):
+        return tensors
+    return {k if k.startswith("lm_head.") else f"{prefix}.{k}": v for k, v in tensors.items()}
 
 
 def name_model(model: ArmtModel, base_config: dict) -> None:
@@ -263,3 +274,5 @@ def save_pretrained(model: ArmtModel, path: str | Path) -> None:
     save_file(tensors, str(directory / WEIGHTS), metadata={"format": FORMAT})
     if getattr(model, "tokenizer", None) is not None:
         model.tokenizer.save(str(directory / "tokenizer.json"))
+    else:  # a tokenizer left by an earlier model in this directory would load as this one's
+        (directory / "tokenizer.json").unlink(missing_ok=True)

@@ -133,9 +133,11 @@ def _stack_layers(per_layer: dict, n_layers: int, shapes: dict, where: str) -> d
 CONV1D_MODULES = ("c_attn", "c_proj", "c_fc", "q_attn")
 
 
-def merge_lora(base: dict, lora: dict, alpha: float | None, rslora: bool = False) -> None:
+def merge_lora(base: dict, lora: dict, alpha: float | None, rslora: bool = False,
+               alpha_pattern: dict | None = None) -> None:
     """Fold LoRA pairs into the base weights in place: W += scale * (B @ A), transposed where the weight is stored
-    [in, out] (GPT-2's Conv1D) or is an embedding ([vocab, d])."""
+    [in, out] (GPT-2's Conv1D) or is an embedding ([vocab, d]). scale = alpha / r, r from A's shape (so PEFT's
+    rank_pattern needs nothing), alpha from PEFT's alpha_pattern where one of its keys matches the module."""
     if not lora:
         return
     if alpha is None:
@@ -152,7 +154,7 @@ def merge_lora(base: dict, lora: dict, alpha: float | None, rslora: bool = False
         if key not in base:
             raise ValueError(f"LoRA module {module!r} has no base weight {key!r} in the checkpoint")
         r = a.shape[0]
-        scale = alpha / (r ** 0.5 if rslora else r)
+        scale = _module_alpha(module, alpha, alpha_pattern or {}) / (r ** 0.5 if rslora else r)
         delta = b.float() @ a.float()  # [out, in] (embeddings: [d, vocab])
         if "lora_embedding_A" in parts or module.rsplit(".", 1)[-1] in CONV1D_MODULES:
             delta = delta.T
@@ -162,3 +164,12 @@ def merge_lora(base: dict, lora: dict, alpha: float | None, rslora: bool = False
                 f"LoRA update for {key!r} has shape {tuple(delta.shape)} but the weight has {tuple(weight.shape)}"
             )
         base[key] = (weight.float() + scale * delta).to(weight.dtype)
+
+
+def _module_alpha(module: str, alpha: float, alpha_pattern: dict) -> float:
+    """PEFT's rule: the first alpha_pattern key that matches the end of the module's name (a suffix or a regex),
+    else lora_alpha."""
+    for pattern, value in alpha_pattern.items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return value
+    return alpha

@@ -197,3 +197,33 @@ def test_a_v1_config_on_a_layout_that_exists_only_in_v2_is_refused(tmp_path):
     with pytest.raises(ValueError, match="armt_version 1 but the weights are in a layout that exists only in "
                                          "version 2"):
         ArmtModel.from_pretrained(directory)
+
+
+def test_a_plain_base_in_the_hubs_layouts_starts_a_training(tmp_path):
+    """The hub's GPT-2 stores the bare model (`h.0...`, `wte.weight`: no `transformer.`, the head tied) with old
+    `attn.bias` buffers; from_base (armt train --init) refused it for missing keys, though transformers loads it."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    from model.checkpoint import from_base
+
+    hf = AutoModelForCausalLM.from_config(tiny_config("gpt2"))
+    hf.save_pretrained(tmp_path / "native")
+    (tmp_path / "hub").mkdir()
+    (tmp_path / "hub" / "config.json").write_text((tmp_path / "native" / "config.json").read_text())
+    bare = {k.removeprefix("transformer."): v.contiguous() for k, v in hf.state_dict().items()
+            if k.startswith("transformer.")}
+    bare["h.0.attn.bias"] = torch.ones(1, 1, 8, 8)
+    save_file(bare, str(tmp_path / "hub" / "model.safetensors"))
+    armt = ArmtConfig(num_mem_tokens=2, d_mem=4, segment_size=8)
+    native, hub = from_base(tmp_path / "native", armt), from_base(tmp_path / "hub", armt)
+    ids = torch.randint(0, VOCAB, (1, 20), generator=torch.Generator().manual_seed(0))
+    assert_close(hub.forward_long(ids)[0], native.forward_long(ids)[0], atol=0, rtol=0)
+
+
+def test_saving_a_model_without_a_tokenizer_leaves_no_earlier_one_behind(tmp_path):
+    """A tokenizer.json of an earlier model in the directory loaded as this model's."""
+    model = ArmtModel.from_config(tiny_config("llama"), ArmtConfig(num_mem_tokens=2, d_mem=4, segment_size=8))
+    (tmp_path / "tokenizer.json").write_text("{}")
+    model.save_pretrained(tmp_path)
+    assert ArmtModel.from_pretrained(tmp_path).tokenizer is None

@@ -85,8 +85,8 @@ def test_gpt2_wrap_pos_detected_from_position_table(tmp_path):
     assert_close(model.forward_long(ids)[0], ref.forward_long(ids), atol=1e-5, rtol=1e-5)
 
 
-def _loraize(state: dict, prefix: str, targets: list[str], r: int, alpha: float, conv1d: tuple[str, ...] = ()
-             ) -> dict:
+def _loraize(state: dict, prefix: str, targets: list[str], r: int, alpha: float, conv1d: tuple[str, ...] = (),
+             alphas: dict | None = None) -> dict:
     """PEFT-wrap the base (`model.` -> `model.base_model.model.`) and split chosen weights W into
     base_layer W0 + lora_A/lora_B with W = W0 + alpha / r * B @ A (transposed for the modules named in conv1d,
     GPT-2's Conv1D, which store [in, out])."""
@@ -106,7 +106,7 @@ def _loraize(state: dict, prefix: str, targets: list[str], r: int, alpha: float,
         out_f, in_f = (w.shape[1], w.shape[0]) if transposed else tuple(w.shape)
         A = torch.randn(r, in_f, generator=g) * 0.1
         B = torch.randn(out_f, r, generator=g) * 0.1
-        delta = alpha / r * (B @ A)  # [out, in]
+        delta = (alphas or {}).get(module.split(".")[-1], alpha) / r * (B @ A)  # [out, in]
         out[module + ".base_layer.weight"] = w - (delta.T if transposed else delta)
         out[module + ".lora_A.default.weight"] = A
         out[module + ".lora_B.default.weight"] = B
@@ -131,6 +131,21 @@ def test_lora_weights_are_merged(tmp_path, kind, targets, conv1d, peft_layers_at
     model = ArmtModel.from_pretrained(directory)
     ids = _ids(33)
     assert_close(model.forward_long(ids)[0], ref.forward_long(ids), atol=1e-5, rtol=1e-5)
+
+
+def test_lora_alpha_per_module_from_peft_alpha_pattern(tmp_path):
+    """PEFT's alpha_pattern gives some modules their own alpha: it was ignored (the wrong scale for those)."""
+    ref = build_reference("llama")
+    directory = write_official(ref, tmp_path)
+    state = torch.load(directory / "pytorch_model.bin", weights_only=True)
+    state = {k: v for k, v in state.items() if not k.startswith("memory_cell.layers.")}
+    torch.save(_loraize(state, "memory_cell.", ["q_proj", "v_proj"], r=4, alpha=16.0, alphas={"v_proj": 4.0}),
+               directory / "pytorch_model.bin")
+    (directory / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 16.0,
+                                                               "alpha_pattern": {"v_proj": 4.0}}))
+    ids = _ids(33)
+    assert_close(ArmtModel.from_pretrained(directory).forward_long(ids)[0], ref.forward_long(ids), atol=1e-5,
+                 rtol=1e-5)
 
 
 def test_lora_without_alpha_is_a_clear_error(tmp_path):
