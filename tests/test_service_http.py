@@ -468,3 +468,57 @@ def test_a_content_length_of_non_ascii_digits_is_refused(c):
     status, answer = c.portal.call(_raw_asgi, c.app, "POST", f"/v1/sessions/{sid}/append", headers,
                                    [{"type": "http.request", "body": b"ab", "more_body": False}], b"offset=0")
     assert (status, answer["error"]["code"]) == (422, "invalid_request"), answer
+
+
+def test_an_answer_closed_before_its_first_read_stops_decoding():
+    """The answer's events were an async generator: closed before it ever started, it ran no cleanup, so the engine
+    decoded the whole answer for nobody."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from service.core.answers import AnswerRun
+    from service.core.types import AskParams
+
+    async def main():
+        run = AnswerRun(None, SimpleNamespace(pending=[]), [1], AskParams("q"), asyncio.get_running_loop())
+        await run.events().aclose()
+        return run.job.cancel.is_set()
+
+    assert asyncio.run(main())
+
+
+def test_a_stream_whose_client_is_gone_before_it_starts_closes_the_answer(tiny_model_dir, tmp_path):
+    """A client gone before the SSE body's first read: the body generator never started, so nothing closed the
+    core's events (the route's cleanup lives in that generator)."""
+    import asyncio
+
+    from service.http.streams import event_stream
+
+    closed = []
+
+    class Events:
+        def __aiter__(self):
+            return self
+
+        async def __anext__(self):
+            await asyncio.sleep(3600)
+
+        async def aclose(self):
+            closed.append(True)
+
+    async def render(events):
+        async for event in events:
+            yield event
+
+    async def receive():
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        raise OSError("connection reset by peer")
+
+    response = event_stream(render, Events(), Settings(data_dir=tmp_path, model=tiny_model_dir))
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "path": "/",
+             "headers": []}
+    with pytest.raises(BaseException):  # the send error, however the task group wraps it
+        asyncio.run(response(scope, receive, send))
+    assert closed

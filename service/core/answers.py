@@ -2,8 +2,8 @@
 
 The worker calls `on_token` / `on_done` on its own thread; they turn token ids into text (AnswerText: whole
 characters only, trimmed at a stop string) and hand events to the loop with call_soon_threadsafe. The request
-reads them from `events()`; leaving that iterator early (client disconnect) sets the job's cancel flag, and the
-worker drops the job before its next decode step.
+reads them from `events()`; leaving or closing that iterator early (client disconnect) sets the job's cancel flag,
+and the worker drops the job before its next decode step.
 """
 from __future__ import annotations
 
@@ -55,8 +55,11 @@ class AnswerRun:
         self._put(AnswerDone(self.text.text, reason, self.prompt_tokens, len(self.text.ids), hops))
         self._put(_END)
 
-    async def events(self) -> AsyncIterator[TextDelta | AnswerDone]:
+    def events(self) -> "AnswerEvents":
         """Text deltas, then one AnswerDone; raises the worker's error (an ArmtServiceError or a bug)."""
+        return AnswerEvents(self)
+
+    async def _events(self) -> AsyncIterator[TextDelta | AnswerDone]:
         try:
             while True:
                 item = await self.queue.get()
@@ -67,6 +70,26 @@ class AnswerRun:
                 yield item
         finally:
             self.job.cancel.set()  # no-op when finished; stops decoding when the client left early
+
+
+class AnswerEvents:
+    """An answer's events, as an async iterator whose aclose() stops the decoding also when iteration never began:
+    a client gone before its stream's first read (an async generator that never started runs no cleanup, and the
+    engine would decode the whole answer for nobody, holding its queue place)."""
+
+    def __init__(self, run: AnswerRun) -> None:
+        self._job = run.job
+        self._events = run._events()
+
+    def __aiter__(self) -> "AnswerEvents":
+        return self
+
+    async def __anext__(self) -> TextDelta | AnswerDone:
+        return await anext(self._events)
+
+    async def aclose(self) -> None:
+        self._job.cancel.set()  # no-op when finished
+        await self._events.aclose()
 
 
 async def collect(events: AsyncIterator[TextDelta | AnswerDone]) -> AnswerDone:

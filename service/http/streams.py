@@ -32,8 +32,24 @@ def event_stream(render: Callable[[AsyncIterator], AsyncIterator[dict]], events:
                  settings: Settings) -> EventSourceResponse:
     """`render(events)` (the route's SSE messages) as a response that survives a shutdown as described above."""
     shutdown, grace = anyio.Event(), settings.shutdown_grace_seconds
-    return EventSourceResponse(render(until_shutdown(events, shutdown, grace)), ping=settings.sse_ping_seconds,
-                               shutdown_event=shutdown, shutdown_grace_period=grace + 1.0)
+    return _ClosingResponse(events, render(until_shutdown(events, shutdown, grace)), ping=settings.sse_ping_seconds,
+                            shutdown_event=shutdown, shutdown_grace_period=grace + 1.0)
+
+
+class _ClosingResponse(EventSourceResponse):
+    """Closes the core's events when the response ends however it ends: a client gone before the stream's first
+    read never starts the body generator, whose own cleanup (until_shutdown's) would then never run."""
+
+    def __init__(self, events: AsyncIterator, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._events = events
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._events.aclose()
 
 
 async def until_shutdown(events: AsyncIterator, shutdown: anyio.Event, grace: float) -> AsyncIterator:
