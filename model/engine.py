@@ -38,6 +38,8 @@ class ArmtEngineMixin:
                 ids = ids.to(torch.int64)  # an empty list is float to torch
         if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
             raise ValueError(f"{name} must have an integer dtype, got {ids.dtype}")
+        if ids.dtype in (torch.uint16, torch.uint32, torch.uint64):  # torch has no min/max for these (uint8 has)
+            ids = ids.to(torch.int64)  # a uint64 id >= 2**63 turns negative: refused below as outside the vocabulary
         if ids.dim() == 1:
             ids = ids.unsqueeze(0)
         if ids.dim() != 2 or ids.shape[0] == 0:

@@ -148,10 +148,12 @@ class MemoryState:
                              f"{tuple(z.shape)}")
         if pending.dtype != torch.int64 or pending.dim() != 1 or (pending.numel() and int(pending.min()) < 0):
             raise ValueError(f"{what}: pending must be non-negative int64 token ids [n]")
-        try:
-            segments, written = int(meta["segments"]), int(meta["tokens_written"])
-        except (TypeError, ValueError):
-            raise ValueError(f"{what}: segments and tokens_written must be integers") from None
+        segments, written = meta["segments"], meta["tokens_written"]
+        if any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in (segments, written)):
+            raise ValueError(f"{what}: segments and tokens_written must be integers >= 0, got {segments!r} and "
+                             f"{written!r}")
+        if not (torch.isfinite(A).all() and torch.isfinite(z).all()):  # a NaN memory answers token 0 forever
+            raise ValueError(f"{what}: the memory holds NaN or infinite values")
         return cls(A, z, str(meta["fingerprint"]), pending.tolist(), segments, written)
 
 

@@ -135,6 +135,9 @@ def _tampered(model, tmp_path, **change):
     ({"A": torch.zeros(2, 3)}, r"A must be \[L, d_key, d\]"),
     ({"pending": torch.tensor([4, -3])}, "non-negative"),
     ({"segments": "many"}, "integers"),
+    ({"segments": -3}, "integers >= 0"),  # loaded, and ingest went on counting from -3
+    ({"tokens_written": 1.5}, "integers >= 0"),  # silently cut to 1
+    ({"A": torch.full((3, 48, 32), float("nan"))}, "NaN or infinite"),  # greedy answered token 0 forever
 ])
 def test_a_malformed_state_file_is_a_clear_error(model, tmp_path, change, match):
     path = _tampered(model, tmp_path, **change)
@@ -176,6 +179,17 @@ def test_integer_arrays_and_empty_lists_are_ids(model):
     assert state.pending == [3, 4, 5] and model.ingest(state, []).pending == [3, 4, 5]
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.uint16, torch.uint32, torch.uint64])
+def test_unsigned_ids_are_ids(model, dtype):
+    """Pre-tokenised data often comes as uint16: torch has no min/max for it, and the range check crashed."""
+    assert model.ingest(model.new_state(), torch.tensor([3, 4, 5], dtype=dtype)).pending == [3, 4, 5]
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        model.ingest(model.new_state(), torch.tensor([3, VOCAB], dtype=dtype))
+    if dtype == torch.uint64:  # 2**64 - 1 is no id either (it is -1 as int64)
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            model.ingest(model.new_state(), torch.tensor([2**64 - 1], dtype=dtype))
+
+
 def test_a_misspelt_executor_is_an_error_at_once(model):
     state = model.new_state()
     for call in (lambda: model.ingest(state, [1, 2], executor="bogus"),  # nothing would be written yet
@@ -188,7 +202,9 @@ def test_a_misspelt_executor_is_an_error_at_once(model):
 def test_sampling_params_are_checked(model):
     state = model.ingest(model.new_state(), _doc(15))
     for kwargs, match in [({"max_new_tokens": 0}, "max_new_tokens"), ({"temperature": -1}, "temperature"),
-                          ({"top_p": 0}, "top_p")]:
+                          ({"top_p": 0}, "top_p"), ({"temperature": float("inf")}, "finite"),
+                          ({"temperature": "0.5"}, "temperature must be a number"), ({"seed": "x"}, "seed"),
+                          ({"seed": 1.5}, "seed"), ({"seed": True}, "seed"), ({"seed": 2**64}, "seed")]:
         with pytest.raises(ValueError, match=match):
             model.generate(state, [1], **kwargs)
 
