@@ -1,10 +1,11 @@
 # syntax=docker/dockerfile:1
 # armt-serve: the HTTP service with the default model inside.
-#   docker build -t armt-serve .                                    # CPU image (torch's CPU wheels, ~1 GB smaller)
+#   docker build -t armt-serve:cpu .                                # CPU image (torch's CPU wheels, ~1 GB smaller)
 #   docker build --build-arg VARIANT=cuda -t armt-serve:cuda .      # CUDA image (PyPI's torch, CUDA libraries
 #                                                                   # bundled; the host's driver comes in through
 #                                                                   # the NVIDIA container toolkit: --gpus all)
-#   docker build --build-arg EXTRAS=deploy -t armt-serve:ray .      # + Ray Serve (deploy/ray/ RayService)
+#   docker build --build-arg VARIANT=cuda --build-arg EXTRAS=deploy -t armt-serve:ray .
+#                                                                   # + Ray Serve (deploy/ray/ RayService, GPU)
 # Settings are ARMT_* variables (README "Settings"); only what a container needs differently is set here.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
@@ -30,13 +31,17 @@ RUN set --; \
       *) echo "VARIANT must be cpu or cuda, got $VARIANT" >&2; exit 1 ;; \
     esac; \
     pip install "$@" ".${EXTRAS:+[$EXTRAS]}" \
-    && python -c "from model import default_model_path; print('default model:', default_model_path())"
+    && python -P -c "from model import default_model_path; print('default model:', default_model_path())"
+# (-P: without it `python -c` in /src would import the copied source instead of the installed package)
 
 # ---------------------------------------------------------------------------- runtime: no compilers, not root
 FROM ${PYTHON_IMAGE} AS runtime
+# hadolint ignore=SC2016
 RUN groupadd --system --gid 10001 armt \
     && useradd --system --uid 10001 --gid armt --create-home --home-dir /home/armt armt \
-    && mkdir -p /data && chown armt:armt /data
+    && mkdir -p /data && chown armt:armt /data \
+    && echo 'export PATH=/opt/venv/bin:$PATH' > /etc/profile.d/armt-venv.sh
+# (that line for login shells, which reset PATH from /etc/profile: KubeRay starts its containers with `bash -lc`)
 COPY --from=build /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \

@@ -1,6 +1,6 @@
 """Ray Serve deployment of the HTTP service: N replicas of the same FastAPI app behind Ray's HTTP proxy, sharing
-one Redis session store, so that Ray (placement, routing, health checks, restarts, autoscaling) distributes the
-work and no code of ours does. Any replica can serve any session because the state lives in the store and every
+one Redis session store, so that Ray (placement, routing, health checks, restarts) distributes the work and no
+code of ours does. Any replica can serve any session because the state lives in the store and every
 write is version-checked there (service/core/redis_store.py).
 
     ARMT_STORE=redis://host:6379/0 serve run service.ray_app:build num_replicas=2
