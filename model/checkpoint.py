@@ -181,7 +181,8 @@ def from_pretrained(
 ) -> ArmtModel:
     directory = Path(path)
     if not directory.is_dir():
-        raise FileNotFoundError(f"model directory {directory} does not exist")
+        what = "is a file, not a model directory" if directory.exists() else "does not exist"
+        raise FileNotFoundError(f"model directory {directory} {what}")
     base_config = load_base_config(directory)
     tensors, meta = read_weights(directory)
     tensors = unwrap_peft(tensors)

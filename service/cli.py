@@ -12,6 +12,7 @@ import typer
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="ARMT engine command line")
 
 DEMO_DIR = Path(".cache/demo-model")
+EXECUTORS = ("sequential", "diagonal")
 
 
 def _load(model_dir: Path):
@@ -64,6 +65,8 @@ def generate(
     executor: str = "sequential",
 ) -> None:
     """Ingest a context file, then stream the answer to a prompt."""
+    if executor not in EXECUTORS:
+        raise typer.BadParameter(f"{executor!r} is not one of {', '.join(EXECUTORS)}", param_hint="--executor")
     m = _load(model_dir)
     state = m.new_state()
     start = time.perf_counter()
@@ -76,7 +79,10 @@ def generate(
 
         text, prompt = text.rstrip(), question_text(prompt)
     if text:
-        state = m.ingest(state, _encode(m, text), executor=executor)
+        try:
+            state = m.ingest(state, _encode(m, text), executor=executor)
+        except ValueError as e:  # token ids outside the vocabulary in an id file, say
+            _fail(f"--context {context}: {e}")
     ingest_s = time.perf_counter() - start
     try:
         stream = m.generate(state, _encode(m, prompt), own_segment=True, max_new_tokens=max_new_tokens,
@@ -123,6 +129,8 @@ def init_random(out_dir: Path, base: str = "llama", layers: int = 4, hidden: int
 
     if layers < 1 or hidden < 32 or hidden % 32:
         _fail(f"--layers must be >= 1 and --hidden a multiple of 32 (heads of 32), got {layers} and {hidden}")
+    if vocab < 2:
+        _fail(f"--vocab must be >= 2, got {vocab}")
     tok = demo_tokenizer(vocab) if tokenizer else None
     if tok is not None and tok.get_vocab_size() > vocab:
         _fail(f"--vocab {vocab} is too small for a byte-level tokenizer ({tok.get_vocab_size()} tokens at least)")
@@ -138,9 +146,9 @@ def init_random(out_dir: Path, base: str = "llama", layers: int = 4, hidden: int
         _fail("--base must be llama or gpt2")
     try:
         armt = ArmtConfig(num_mem_tokens=num_mem_tokens, d_mem=d_mem, segment_size=segment_size)
+        model = ArmtModel.from_config(cfg, armt, seed=seed)  # e.g. more positions than a GPT-2 table has
     except ValueError as e:
         _fail(str(e))
-    model = ArmtModel.from_config(cfg, armt, seed=seed)
     model.tokenizer = tok
     model.save_pretrained(out_dir)
     typer.echo(f"wrote {out_dir}")
@@ -178,7 +186,15 @@ def bench_ingest(
         _fail(f"--preset must be one of {sorted(PRESETS)}")
     if graphs and not device.startswith("cuda"):
         _fail("--graphs needs --device cuda (CUDA graphs)")
-    lengths = [int(x) for x in segments.split(",") if x.strip()]
+    from service.cli_train import _check_device, _ints
+
+    _check_device(device)
+    lengths = list(_ints(segments, "--segments", low=1))
+    for hint, value, low in (("--repeats", repeats, 1), ("--sessions", sessions, 0),
+                             ("--session-segments", session_segments, 1), ("--drift-segments", drift_segments, 0),
+                             ("--base-max-tokens", base_max_tokens, 0)):
+        if value < low:
+            raise typer.BadParameter(f"must be >= {low}, got {value}", param_hint=hint)
     dtype = torch.bfloat16 if bf16 else torch.float32
     opts = Options(sessions, session_segments, repeats, base_max_tokens, compile, graphs, drift_segments)
     run(preset, lengths, opts, dtype, device, out, plot)
@@ -214,5 +230,22 @@ for _command in (cli_client.serve, cli_client.ingest, cli_client.ask, cli_client
     app.command()(_command)
 app.command("eval")(cli_train.evaluate)
 
+
+
+def main() -> None:
+    """The `armt` entry point: the app, with a mistake that no command caught on the way (a path that is a file or
+    cannot be created, a value the engine refuses: OSError, ValueError) as one `error:` line and exit code 2
+    instead of a traceback. ARMT_TRACEBACK=1 shows the traceback."""
+    import os
+
+    try:
+        app()
+    except (OSError, ValueError) as e:
+        if os.environ.get("ARMT_TRACEBACK"):
+            raise
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    app()
+    main()

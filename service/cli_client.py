@@ -71,12 +71,21 @@ def _preflight(settings) -> None:
         except StoreError as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from None
+        except OSError as e:  # a file in the way, no permission, a path that cannot exist
+            typer.echo(f"error: cannot use data directory {settings.data_dir} (ARMT_DATA_DIR): {e}", err=True)
+            raise typer.Exit(2) from None
 
 
 def _client(url: str, api_key: str | None):
+    import httpx
+
     from service.client import ArmtClient
 
-    return ArmtClient(url, api_key=api_key)
+    try:
+        return ArmtClient(url, api_key=api_key)
+    except httpx.InvalidURL as e:
+        typer.echo(f"error: bad --url {url!r}: {e}", err=True)
+        raise typer.Exit(2) from None
 
 
 def _fail(error: Exception, url: str = "") -> None:
@@ -121,9 +130,14 @@ def ingest(file: Path = typer.Argument(..., exists=True, dir_okay=False, readabl
 def ask(session: str, question: str, url: str = URL, api_key: str = API_KEY, max_new_tokens: int = 64,
         temperature: float = 0.0) -> None:
     """Ask a question about a session's document; the answer is printed as it streams."""
+    import math
+
     import httpx
 
     from service.client import ArmtHTTPError
+
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise typer.BadParameter(f"must be a finite number >= 0, got {temperature}", param_hint="--temperature")
 
     with _client(url, api_key) as client:
         try:

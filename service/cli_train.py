@@ -115,7 +115,8 @@ def _train_config(options: dict):
         cfg.update(stages="1", aux_batch_size=0, copy_batch_size=0, probe_weight=0.0,
                    ca_k=_ca_k(options["ca_k"], options["ca_variant"]))
     cfg["stages"] = _ints(cfg["stages"], "--stages", low=0)
-    cfg["questions"] = cfg["questions"] or (1 if cfg["task"] == "remember" else 4)
+    if cfg["questions"] is None:
+        cfg["questions"] = 1 if cfg["task"] == "remember" else 4
     try:
         return TrainConfig(**cfg)
     except ValueError as e:  # the config's own checks (memory streams need task remember)
@@ -128,8 +129,6 @@ CHOICES = {"arch": ("armt", "plain"), "ca_variant": ("os", "oo", "shift")}
 
 def _check_train_options(o: dict) -> None:
     """Clear errors for option values that would otherwise fail deep inside (or after minutes of setup)."""
-    import torch
-
     if o["task"] not in TASKS:
         raise typer.BadParameter(f"unknown task {o['task']!r}; one of {', '.join(TASKS)}", param_hint="--task")
     for name, choices in CHOICES.items():
@@ -143,12 +142,58 @@ def _check_train_options(o: dict) -> None:
     for name in ("batch_size", "layers", "hidden", "heads", "max_steps", "max_hop"):
         if o[name] < 1:
             raise typer.BadParameter(f"must be >= 1, got {o[name]}", param_hint=f"--{name.replace('_', '-')}")
-    if o["segment_size"] is not None and o["segment_size"] < 1:
-        raise typer.BadParameter(f"must be >= 1, got {o['segment_size']}", param_hint="--segment-size")
-    if not math.isfinite(o["ponder_tau"]) or o["ponder_tau"] < 0:
-        raise typer.BadParameter(f"must be a finite number >= 0, got {o['ponder_tau']}", param_hint="--ponder-tau")
-    if o["device"].startswith("cuda") and not torch.cuda.is_available():
+    for name, low in (("segment_size", 1), ("questions", 1)):  # None: the task's default
+        if o[name] is not None and o[name] < low:
+            raise typer.BadParameter(f"must be >= {low}, got {o[name]}", param_hint=f"--{name.replace('_', '-')}")
+    for name in ("aux_batch_size", "copy_batch_size", "grad_segments", "num_mem_tokens"):
+        if o[name] < 0:
+            raise typer.BadParameter(f"must be >= 0, got {o[name]}", param_hint=f"--{name.replace('_', '-')}")
+    for name in ("d_mem", "ffn", "vocab"):
+        if o[name] < 1:
+            raise typer.BadParameter(f"must be >= 1, got {o[name]}", param_hint=f"--{name.replace('_', '-')}")
+    _check_numbers(o)
+    _check_ca_only(o)
+    _check_device(o["device"])
+    for name in ("out", "export"):
+        if o[name] is not None and o[name].exists() and not o[name].is_dir():
+            raise typer.BadParameter(f"{o[name]} is a file; a directory is needed", param_hint=f"--{name}")
+
+
+def _check_numbers(o: dict) -> None:
+    """The float options: finite, in their ranges (a negative --minutes trained 0 steps and saved that model)."""
+    ranges = {"lr": (0, math.inf, False), "minutes": (0, math.inf, False), "ponder_tau": (0, math.inf, True),
+              "probe_weight": (0, math.inf, True), "stage_minutes": (0, math.inf, True),
+              "ask_past": (0, 1, True), "advance_at": (0, 1, False)}
+    for name, (low, high, low_ok) in ranges.items():
+        value = o[name]
+        if not (math.isfinite(value) and (value >= low if low_ok else value > low) and value <= high):
+            bound = f">= {low}" if low_ok else f"> {low}"
+            raise typer.BadParameter(f"must be a finite number {bound}" + (f" and <= {high}" if high < math.inf
+                                                                           else "") + f", got {value}",
+                                     param_hint=f"--{name.replace('_', '-')}")
+
+
+def _check_ca_only(o: dict) -> None:
+    """Options of the CA task given to a text task did nothing: refused, as `armt eval` refuses them."""
+    if o["task"] == "ca":
+        return
+    for name, default in (("arch", "armt"), ("ca_variant", "os"), ("ca_k", None), ("ca_context", False)):
+        if o[name] != default:
+            raise typer.BadParameter("applies to --task ca only", param_hint=f"--{name.replace('_', '-')}")
+
+
+def _check_device(device: str) -> None:
+    """A device torch can name and this machine has."""
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as e:
+        raise typer.BadParameter(str(e).split("\n")[0], param_hint="--device") from None
+    if kind == "cuda" and not torch.cuda.is_available():
         raise typer.BadParameter("this torch build or machine has no CUDA device", param_hint="--device")
+    if kind not in ("cpu", "cuda"):
+        raise typer.BadParameter(f"{device!r}: cpu or cuda[:N]", param_hint="--device")
 
 
 def _ca_k(k: int | None, variant: str) -> int | None:
@@ -269,6 +314,8 @@ def evaluate(
     from service.cli import _fail, _load
 
     lengths = _check_eval_options(task, segments, samples, long_samples, split, executor, batch_size)
+    for hint, path in (("--out", out), ("--plot", plot)):  # before the evaluation, whose results they would lose
+        _check_output_file(path, hint)
     if task == "ca":
         _eval_ca(model_dir, _ca_ks(model_dir, ca_k, ca_variant), ca_variant, samples, seed, out,
                  max_hop=max_hop, act_threshold=act_threshold, act_fixed=act_fixed)
@@ -318,6 +365,19 @@ def _check_eval_options(task: str, segments: str, samples: int, long_samples: in
     if executor not in ("sequential", "diagonal"):
         raise typer.BadParameter(f"{executor!r} is not sequential or diagonal", param_hint="--executor")
     return _ints(segments, "--segments", low=1)
+
+
+def _check_output_file(path: Path | None, hint: str) -> None:
+    """A file that can be written: not a directory, and no file where its directories would go."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise typer.BadParameter(f"{path} is a directory; a file name is needed", param_hint=hint)
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise typer.BadParameter(f"{parent} is a file, so {path} cannot be created", param_hint=hint)
 
 
 def _ca_ks(model_dir: Path | None, k: int | None, variant: str) -> list[int | None]:

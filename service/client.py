@@ -52,7 +52,13 @@ class ArmtClient:
                 body = {"error": {"code": "http_error", "message": response.text[:500]}}
             retry = response.headers.get("retry-after")
             raise ArmtHTTPError(response.status_code, body, float(retry) if retry and retry.isdigit() else None)
-        return response.json() if response.content else None
+        if not response.content:
+            return None
+        try:
+            return response.json()
+        except ValueError:  # a 2xx that is not JSON: not an armt server (a proxy's page, another service)
+            raise ArmtHTTPError(response.status_code, {"error": {
+                "code": "not_json", "message": f"the answer is not JSON (is {response.url} an armt server?)"}}) from None
 
     # ------------------------------------------------------------------ sessions
     def health(self) -> dict:
@@ -157,6 +163,8 @@ def ingest_file(client: ArmtClient, path: str | Path, session_id: str, chunk_byt
     with open(path, "rb") as f:
         if offset:
             _check_same_document(client, session_id, f, path, sleep, max_retries)
+            if progress:  # a resume starts where the server is, not at 0
+                progress(offset, total)
         while offset < total:
             f.seek(offset)
             chunk = f.read(chunk_bytes)

@@ -93,6 +93,10 @@ def test_text_training_in_bf16_with_the_default_probe(tmp_path):
     ["generate", "{model}", "--prompt", "1", "--context", "{tmp}/nope.txt"],
     ["generate", "{model}", "--prompt", "1", "--context", "{tmp}/latin1.txt"],
     ["info", "{tmp}/truncated"],
+    ["info", "{tmp}/latin1.txt"],  # a file, not a directory
+    ["init-random", "{tmp}/m", "--vocab", "0"],  # wrote a model that could never generate
+    ["init-random", "{tmp}/m", "--base", "gpt2", "--segment-size", "2000"],  # more positions than GPT-2 has
+    ["generate", "{model}", "--prompt", "1", "--context", "{tmp}/bad_ids.txt"],  # an id outside the vocabulary
 ])
 def test_bad_arguments_and_files_are_clean_errors(tmp_path, args):
     model = write_official(build_reference("llama"), tmp_path / "model")
@@ -102,6 +106,7 @@ def test_bad_arguments_and_files_are_clean_errors(tmp_path, args):
     (truncated / "pytorch_model.bin").unlink()
     save_file({"x": torch.zeros(4)}, str(truncated / "model.safetensors"))
     (truncated / "model.safetensors").write_bytes((truncated / "model.safetensors").read_bytes()[:40])
+    (tmp_path / "bad_ids.txt").write_text("1 2 99999")
     result = CliRunner().invoke(app, [a.format(tmp=tmp_path, model=model) for a in args])
     assert result.exit_code == 2 and "error:" in result.output, result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
@@ -128,10 +133,26 @@ TINY_TEXT = ["--minutes", "1", "--max-steps", "1", "--batch-size", "2", "--aux-b
     (["--warmup", "-1"], "--warmup"),
     (["--task", "remember", "--questions", "6", "--stages", "0"], "--questions"),  # 7 pairs + 6 questions > 32
     (["--task", "remember", "--stages", "0,1,2", "--stream-max", "2"], "stream_max"),  # streams carrying nothing
+    (["--lr", "-1"], "--lr"),  # was blamed on --probe-layer
+    (["--lr", "nan"], "--lr"),
+    (["--minutes", "-1"], "--minutes"),  # trained 0 steps, saved that model, exit 0
+    (["--questions", "0"], "--questions"),  # trained with 4
+    (["--aux-batch-size", "-1"], "--aux-batch-size"),
+    (["--num-mem-tokens", "-1"], "--num-mem-tokens"),
+    (["--d-mem", "0"], "--d-mem"),
+    (["--ask-past", "5"], "--ask-past"),
+    (["--arch", "plain"], "--arch"),  # a CA option on a text task did nothing
+    (["--ca-variant", "shift"], "--ca-variant"),
+    (["--device", "bogus"], "--device"),
+    (["--export", "{tmp}/file.txt"], "--export"),  # failed after the whole training
 ])
 def test_bad_training_options_are_clean_errors(tmp_path, args, hint):
-    result = CliRunner().invoke(app, ["train", "--out", str(tmp_path / "run"), *TINY_TEXT, *args])
+    (tmp_path / "file.txt").write_text("x")
+    args = [a.format(tmp=tmp_path) for a in args]
+    result = CliRunner().invoke(app, ["train", "--out", str(tmp_path / "run"), *TINY_TEXT, *args],
+                                env={"COLUMNS": "400"})
     assert result.exit_code == 2 and hint in result.output, result.output
+    assert not (tmp_path / "run" / "model").exists()  # refused before any work
 
 
 @pytest.mark.parametrize("args,hint", [(["--samples", "0"], "--samples"), (["--segments", "0"], "--segments"),
@@ -139,6 +160,24 @@ def test_bad_training_options_are_clean_errors(tmp_path, args, hint):
                                        (["--executor", "bogus"], "--executor"), (["--split", "foo"], "--split")])
 def test_bad_eval_options_are_clean_errors(tmp_path, args, hint):
     result = CliRunner().invoke(app, ["eval", "--out", str(tmp_path / "e.json"), *args])
+    assert result.exit_code == 2 and hint in result.output, result.output
+
+
+@pytest.mark.parametrize("args,hint", [(["--out", "{tmp}"], "is a directory"),
+                                       (["--plot", "{tmp}/file.txt/x.png"], "cannot be created")])
+def test_eval_output_paths_are_checked_before_the_evaluation(tmp_path, args, hint):
+    """A directory as --out failed after the whole evaluation had run: its results were lost."""
+    (tmp_path / "file.txt").write_text("x")
+    result = CliRunner().invoke(app, ["eval", "--segments", "1", "--samples", "1",
+                                      *[a.format(tmp=tmp_path) for a in args]], env={"COLUMNS": "400"})
+    assert result.exit_code == 2 and hint in result.output, result.output
+    assert "exact match" not in result.output  # nothing was evaluated
+
+
+@pytest.mark.parametrize("args,hint", [(["--segments", "abc"], "--segments"), (["--segments", "-1"], "--segments"),
+                                       (["--repeats", "0"], "--repeats"), (["--device", "bogus"], "--device")])
+def test_bad_bench_options_are_clean_errors(args, hint):
+    result = CliRunner().invoke(app, ["bench", "ingest", *args], env={"COLUMNS": "400"})
     assert result.exit_code == 2 and hint in result.output, result.output
 
 
@@ -205,6 +244,35 @@ def test_serve_stops_at_once_on_a_missing_model_or_a_data_directory_in_use(tmp_p
         assert busy.exit_code == 2 and "another process" in busy.output, busy.output
     finally:
         held.close()
+
+
+def test_serve_stops_at_once_on_a_data_directory_that_cannot_be_made(tmp_path):
+    model = write_official(build_reference("llama"), tmp_path / "model")
+    (tmp_path / "file").write_text("x")
+    result = CliRunner().invoke(app, ["serve", "--model", str(model), "--port", "1"],
+                                env={"ARMT_DATA_DIR": str(tmp_path / "file")})
+    assert result.exit_code == 2 and "cannot use data directory" in result.output, result.output
+
+
+def test_client_command_mistakes_are_clean_errors():
+    """A malformed --url and a non-finite --temperature ended in tracebacks (httpx's, and its JSON encoder's)."""
+    runner = CliRunner()
+    for args, hint in ((["sessions", "--url", "http://[::1"], "bad --url"),
+                       (["ask", "s", "q", "--temperature", "nan"], "--temperature")):
+        result = runner.invoke(app, args, env={"COLUMNS": "400"})
+        assert result.exit_code == 2 and hint in result.output, result.output
+
+
+def test_an_unhandled_os_or_value_error_is_one_line_from_the_entry_point(tmp_path):
+    """The `armt` script's net for mistakes no command caught (init-random onto an existing file, say)."""
+    import subprocess
+    import sys
+
+    (tmp_path / "file").write_text("x")
+    run = subprocess.run([sys.executable, "-m", "service.cli", "init-random", str(tmp_path / "file")],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and run.stderr.strip().splitlines()[-1].startswith("error: "), run.stderr
+    assert "Traceback" not in run.stderr
 
 
 def test_client_commands_say_what_to_do_when_no_server_answers():

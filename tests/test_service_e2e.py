@@ -99,9 +99,11 @@ def test_resuming_checks_the_file_through_a_busy_server(tmp_path):
 
     (tmp_path / "doc.txt").write_text("abcdefgh")
     busy = Busy([ArmtHTTPError(503, {"error": {"code": "not_ready"}}), {"offset": 4}, {"offset": 8}])
-    naps = []
-    assert ingest_file(busy, tmp_path / "doc.txt", "0" * 32, sleep=naps.append)["offset"] == 8
+    naps, seen = [], []
+    assert ingest_file(busy, tmp_path / "doc.txt", "0" * 32, sleep=naps.append,
+                       progress=lambda done, total: seen.append(done))["offset"] == 8
     assert busy.sent == [(0, b"abcd"), (0, b"abcd"), (4, b"efgh")] and len(naps) == 1
+    assert seen == [4, 8]  # a resume's progress starts where the server is (its bar sat at 0, then jumped)
     other = Busy([ArmtHTTPError(409, {"error": {"code": "offset_mismatch", "offset": 4}})])
     with pytest.raises(ValueError, match="is not the document"):
         ingest_file(other, tmp_path / "doc.txt", "0" * 32, sleep=naps.append)
@@ -135,6 +137,14 @@ def test_ingest_file_reports_the_server_s_offset_when_the_last_answer_is_lost(tm
 
     with pytest.raises(ValueError, match="only 30"):
         ingest_file(Ahead(30), tmp_path / "doc.txt", "0" * 32, chunk_bytes=10, sleep=lambda s: None)
+
+
+def test_a_2xx_answer_that_is_not_json_is_an_http_error():
+    """A --url pointing at another web server: its HTML page was a JSONDecodeError traceback in `armt sessions`."""
+    page = httpx.MockTransport(lambda request: httpx.Response(200, text="<html>hello</html>"))
+    with ArmtClient("http://example", transport=page) as client:
+        with pytest.raises(ArmtHTTPError, match="not JSON"):
+            client.list_sessions()
 
 
 def test_ingest_file_refuses_an_empty_chunk_size(tmp_path):
