@@ -57,8 +57,8 @@ class ArmtClient:
         try:
             return response.json()
         except ValueError:  # a 2xx that is not JSON: not an armt server (a proxy's page, another service)
-            raise ArmtHTTPError(response.status_code, {"error": {
-                "code": "not_json", "message": f"the answer is not JSON (is {response.url} an armt server?)"}}) from None
+            message = f"the answer is not JSON (is {response.url} an armt server?)"
+            raise ArmtHTTPError(response.status_code, {"error": {"code": "not_json", "message": message}}) from None
 
     # ------------------------------------------------------------------ sessions
     def health(self) -> dict:
