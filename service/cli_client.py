@@ -139,6 +139,7 @@ def ask(session: str, question: str, url: str = URL, api_key: str = API_KEY, max
     if not (math.isfinite(temperature) and temperature >= 0):
         raise typer.BadParameter(f"must be a finite number >= 0, got {temperature}", param_hint="--temperature")
 
+    done = False
     with _client(url, api_key) as client:
         try:
             for event in client.ask_stream(session, question, max_new_tokens=max_new_tokens,
@@ -147,10 +148,14 @@ def ask(session: str, question: str, url: str = URL, api_key: str = API_KEY, max
                     sys.stdout.write(event["text"])
                     sys.stdout.flush()
                 elif event["event"] == "done":
-                    typer.echo(f"\n[{event['finish_reason']}, {event['usage']['completion_tokens']} tokens]",
-                               err=True)
+                    done = True
+                    sys.stdout.write("\n")  # the answer is a line of its own (redirected to a file, too)
+                    typer.echo(f"[{event['finish_reason']}, {event['usage']['completion_tokens']} tokens]", err=True)
         except (ArmtHTTPError, httpx.HTTPError) as e:
             _fail(e, url)
+    if not done:  # the server went away between two events: the answer above is cut short
+        typer.echo("\nerror: the answer stream ended before its last event (server stopped?)", err=True)
+        raise typer.Exit(1)
 
 
 def sessions(url: str = URL, api_key: str = API_KEY) -> None:

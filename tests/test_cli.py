@@ -281,3 +281,21 @@ def test_client_commands_say_what_to_do_when_no_server_answers():
     url = f"http://127.0.0.1:{free_port()}"
     result = CliRunner().invoke(app, ["sessions", "--url", url])
     assert result.exit_code == 1 and url in result.output and "armt serve" in result.output, result.output
+
+
+def test_ask_says_when_the_answer_stream_ends_early(monkeypatch):
+    """A stream that stopped between two events (the server went away) exited 0 with half an answer."""
+    from service.client import ArmtClient
+
+    monkeypatch.setattr(ArmtClient, "ask_stream", lambda self, *a, **k: iter([{"event": "token", "text": "Mary"}]))
+    result = CliRunner().invoke(app, ["ask", "s", "q"])
+    assert result.exit_code == 1 and "ended before its last event" in result.output, result.output
+
+
+def test_ca_eval_refuses_a_text_model(tmp_path):
+    """The shipped text model scored on cellular automata: meaningless rows, exit 0."""
+    from model import default_model_path
+
+    result = CliRunner().invoke(app, ["eval", str(default_model_path()), "--task", "ca", "--samples", "2", "--out",
+                                      str(tmp_path / "e.json")])
+    assert result.exit_code == 2 and "not a cellular-automata model" in result.output, result.output

@@ -98,6 +98,9 @@ def ca_accuracy(model, k: int | None = None, variant: str = "os", n_samples: int
 def check_fits(model, variant: str) -> None:
     """ValueError for a model without memory tokens whose segment is shorter than a sample: its later segments
     would see none of the given states (a plain model holds the whole sample of the variant it was made for)."""
+    if model.base.vocab_size != VOCAB or getattr(model, "tokenizer", None) is not None:
+        raise ValueError(f"not a cellular-automata model: it has a tokenizer or a vocabulary of "
+                         f"{model.base.vocab_size} (CA models have {VOCAB} ids and no tokenizer; armt train --task ca)")
     if model.config.num_mem_tokens == 0 and sequence_length(variant) > model.config.segment_size:
         raise ValueError(f"this model has no memory tokens and {model.config.segment_size}-token segments: a "
                          f"{variant!r} sample ({sequence_length(variant)} tokens) does not fit in one segment")
