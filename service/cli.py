@@ -241,7 +241,7 @@ def main() -> None:
     try:
         app()
     except (OSError, ValueError) as e:
-        if os.environ.get("ARMT_TRACEBACK"):
+        if os.environ.get("ARMT_TRACEBACK", "") not in ("", "0"):
             raise
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)

@@ -48,8 +48,10 @@ class ArmtClient:
         if response.status_code >= 400:
             try:
                 body = response.json()
-            except ValueError:
-                body = {"error": {"code": "http_error", "message": response.text[:500]}}
+            except ValueError:  # not an armt answer (a proxy's error page, another web server): one short line
+                snippet = " ".join(response.text.split())[:120]
+                body = {"error": {"code": "http_error", "message": f"not an armt server's answer ({response.url}): "
+                                                                  f"{snippet}"}}
             retry = response.headers.get("retry-after")
             raise ArmtHTTPError(response.status_code, body, float(retry) if retry and retry.isdigit() else None)
         if not response.content:

@@ -69,6 +69,19 @@ def test_no_key_is_a_401_before_the_body_is_read(c, path):
     assert f'route="{template}",status="401"' in c.get("/metrics").text
 
 
+def test_requests_refused_before_routing_are_counted_under_their_route(c):
+    """A 401 on POST /v1/sessions (no body: the key check runs before routing) and a 413 from the body limits
+    were counted as route="unmatched", apart from the rest of their route's requests; an unknown path still is."""
+    assert c.post("/v1/sessions").status_code == 401
+    big = c.post("/v1/sessions/" + "a" * 32 + "/ask", headers={**A, "Content-Length": str(10**9)}, content=b"{}")
+    assert big.status_code == 413
+    assert c.get("/no/such/path").status_code == 404
+    text = c.get("/metrics").text
+    assert 'method="POST",route="/v1/sessions",status="401"' in text
+    assert 'method="POST",route="/v1/sessions/{session_id}/ask",status="413"' in text
+    assert 'method="GET",route="unmatched",status="404"' in text
+
+
 def test_ops_routes_stay_open(c):
     assert c.get("/health").status_code == 200
     assert c.get("/ready").status_code == 200

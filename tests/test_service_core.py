@@ -301,3 +301,108 @@ def test_a_cancelled_commit_waits_for_its_write_and_keeps_the_cache_in_step(tmp_
 
     assert asyncio.run(main()) == 2
     assert service._cache[first.id][0] == store.get(first.id)
+
+
+class _SlowFailingStore(DiskStore):
+    """Its saves take 0.3 s, then fail as a lost race."""
+
+    def save(self, meta, state, replaces=""):
+        time.sleep(0.3)
+        from service.core.errors import VersionConflict
+
+        raise VersionConflict("lost")
+
+
+def _service(store):
+    from types import SimpleNamespace
+
+    from service.core.sessions import SessionService
+    from service.core.stats import ServiceStats
+
+    return SessionService(SimpleNamespace(tokenizer=None), store, None, ServiceStats(),
+                          SimpleNamespace(state_cache_size=4))
+
+
+def test_a_cancelled_commit_whose_write_fails_still_ends_cancelled(tmp_path):
+    """The write's error replaced the cancellation: the task went on (answering a 409 to a client that was gone)."""
+    import asyncio
+
+    from service.core.errors import VersionConflict
+
+    service = _service(_SlowFailingStore(tmp_path))
+
+    async def main():
+        commit = asyncio.ensure_future(service._commit(meta(write_id="w1"), state()))
+        await asyncio.sleep(0.1)
+        commit.cancel()
+        with pytest.raises(asyncio.CancelledError) as error:
+            await commit
+        return error.value.__cause__
+
+    assert isinstance(asyncio.run(main()), VersionConflict)
+
+
+def test_a_commit_inside_a_cancelled_anyio_scope_waits_for_its_write_without_spinning(tmp_path):
+    """anyio cancels again at every await while its scope is cancelled: the wait is shielded from it (a loop that
+    caught each cancellation would spin the event loop until the write's thread ended)."""
+    import anyio
+
+    store = DiskStore(tmp_path, fault_delay_save_s=0.3)
+    first, s = meta(write_id="w1"), state()
+    store.save(first, s)
+    service = _service(store)
+
+    async def main():
+        start = time.process_time()
+        with anyio.move_on_after(0.05):
+            await service._commit(first, s)
+        return time.process_time() - start
+
+    cpu = anyio.run(main)
+    assert store.get(first.id).version == 2 and service._cache[first.id][0] == store.get(first.id)
+    assert cpu < 0.2, f"{cpu:.2f} s of CPU while waiting 0.3 s for a thread"
+
+
+def test_session_metadata_of_the_wrong_types_is_one_unreadable_session(tmp_path):
+    """"created_at": "2026-12-01" passed the start-up scan, then failed every listing of the tenant."""
+    import json
+
+    from service.core.store import SESSION_KEY
+
+    good, s = meta("b" * 32), state()
+    store = DiskStore(tmp_path)
+    store.save(good, s)
+    bad = {**meta().to_json(), "created_at": "2026-12-01"}
+    (tmp_path / "sessions" / f"{'a' * 32}.safetensors").write_bytes(s.to_bytes({SESSION_KEY: json.dumps(bad)}))
+    store = DiskStore(tmp_path)
+    assert [m.id for m in store.page("t", None, 10)] == ["b" * 32]
+    with pytest.raises(StoreError, match="created_at is '2026-12-01'"):
+        store.load("a" * 32, "fp")
+
+
+def test_no_write_lock_lingers_for_a_session_that_is_gone(tmp_path):
+    """A save that waited on a deleted session's lock put a fresh one back into the table, for good."""
+    import threading
+
+    from service.core.errors import VersionConflict
+
+    store = DiskStore(tmp_path, fault_delay_save_s=0.3)
+    first = meta(write_id="w1")
+    store.save(first, state())
+    writer = threading.Thread(target=store.save, args=(first.evolve(version=2, write_id="w2"), state(), "w1"))
+    writer.start()
+    _wait_for_tmp(tmp_path)
+    stale = []
+
+    def stale_save():
+        try:
+            store.save(first.evolve(version=2, write_id="w3"), state(), "w1")
+        except VersionConflict as e:
+            stale.append(e)
+
+    late = threading.Thread(target=stale_save)
+    late.start()
+    store.delete(first.id)
+    writer.join()
+    late.join()
+    assert len(stale) == 1 and store._writing == {} and store.get(first.id) is None

@@ -145,6 +145,12 @@ def test_a_2xx_answer_that_is_not_json_is_an_http_error():
     with ArmtClient("http://example", transport=page) as client:
         with pytest.raises(ArmtHTTPError, match="not JSON"):
             client.list_sessions()
+    html = "<!DOCTYPE HTML>\n<html>\n<body>\n" + "<p>File not found</p>\n" * 50 + "</body></html>"
+    missing = httpx.MockTransport(lambda request: httpx.Response(404, text=html))
+    with ArmtClient("http://example", transport=missing) as client:
+        with pytest.raises(ArmtHTTPError) as error:
+            client.list_sessions()
+    assert "\n" not in str(error.value) and len(str(error.value)) < 250  # one line, not the whole page
 
 
 def test_ingest_file_refuses_an_empty_chunk_size(tmp_path):

@@ -19,6 +19,8 @@ import weakref
 from collections import OrderedDict
 from collections.abc import AsyncIterable, AsyncIterator
 
+import anyio
+
 from model.text import question_text
 
 from .answers import AnswerRun
@@ -94,10 +96,10 @@ class SessionService:
         await self.get(tenant, session_id)
         async with self._lock(session_id):
             await self.get(tenant, session_id)  # deleted meanwhile?
-            delete = asyncio.ensure_future(asyncio.to_thread(self.store.delete, session_id))
-            cancelled = await _outlast_cancellation(delete)
-            self._cache.pop(session_id, None)
-            delete.result()
+            try:
+                _, cancelled = await _to_the_end(self.store.delete, session_id)
+            finally:
+                self._cache.pop(session_id, None)
             if cancelled:
                 raise asyncio.CancelledError
         self._locks.pop(session_id, None)
@@ -250,10 +252,8 @@ class SessionService:
                            state_bytes=state.nbytes, state_digest=await asyncio.to_thread(state.digest),
                            version=meta.version + 1, write_id=secrets.token_hex(8))
         start = time.perf_counter()
-        write = asyncio.ensure_future(asyncio.to_thread(self.store.save, meta, state, replaces))
-        cancelled = await _outlast_cancellation(write)
         try:
-            write.result()
+            _, cancelled = await _to_the_end(self.store.save, meta, state, replaces)
         except VersionConflict:
             with self.stats.lock:
                 self.stats.store.version_conflicts += 1
@@ -272,16 +272,25 @@ class SessionService:
             self._cache.popitem(last=False)
 
 
-async def _outlast_cancellation(work: asyncio.Future) -> bool:
-    """Wait for `work` (a store write in a thread) to finish even if this task is cancelled meanwhile (at shutdown,
-    say); returns whether it was. The thread cannot be stopped: a caller that returned at the cancellation would
-    release the session's lock while the write still runs, and leave its cache one version behind the store."""
+async def _to_the_end(fn, *args) -> tuple[object, bool]:
+    """fn(*args) in a thread, waited for to its end even if this task is cancelled meanwhile (at shutdown, say):
+    (its result, whether the task was cancelled). The thread cannot be stopped, and a caller that returned at the
+    cancellation would release the session's lock while a store write still runs, and leave its cache a version
+    behind the store. A failure of fn raises as itself, or, when the task was cancelled meanwhile, as the
+    CancelledError (fn's error its cause): the cancellation is never lost.
+
+    The wait is shielded from anyio cancel scopes too (which cancel again at every await until the scope exits:
+    a bare loop would spin); a plain asyncio cancel is caught once and the wait goes on."""
+    work = asyncio.ensure_future(asyncio.to_thread(fn, *args))
     cancelled = False
     while not work.done():
         try:
-            await asyncio.shield(work)
+            with anyio.CancelScope(shield=True):
+                await asyncio.shield(work)
         except asyncio.CancelledError:
             cancelled = True
-        except Exception:  # noqa: S110  the caller reads work.result()
+        except Exception:  # noqa: S110  read from `work` below
             pass
-    return cancelled
+    if cancelled and work.exception() is not None:
+        raise asyncio.CancelledError() from work.exception()
+    return work.result(), cancelled

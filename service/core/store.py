@@ -178,8 +178,9 @@ class DiskStore:
         """Hold the session's write lock: its saves and its delete run one at a time (a save already past its version
         check when a delete came would otherwise rename its file back in, and the deleted session return).
 
-        A delete drops the lock from the table (no entry per deleted session lingers); a writer that was waiting on
-        that lock meanwhile takes the table's current one instead, so that all writers of an id share one lock."""
+        The lock leaves the table when its holder leaves no session behind (a delete, a failed first write): no
+        entry per deleted session lingers; a writer that was waiting on that lock meanwhile takes the table's
+        current one instead, so that all writers of an id share one lock."""
         while True:
             with self._lock:
                 writing = self._writing.setdefault(session_id, threading.Lock())
@@ -187,7 +188,12 @@ class DiskStore:
                 with self._lock:
                     current = self._writing.get(session_id) is writing
                 if current:
-                    yield
+                    try:
+                        yield
+                    finally:
+                        with self._lock:
+                            if session_id not in self._index:
+                                self._writing.pop(session_id, None)
                     return
 
     def load(self, session_id: str, fingerprint: str | tuple[str, ...]) -> tuple[SessionMeta, MemoryState]:
@@ -215,7 +221,6 @@ class DiskStore:
             with self._lock:
                 self._sizes.pop(session_id, None)
                 self._index.pop(session_id, None)
-                self._writing.pop(session_id, None)
 
     def check(self) -> str | None:
         if not self.dir.is_dir():

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-
 import re
 from dataclasses import asdict, dataclass, fields, replace
 
@@ -21,6 +20,12 @@ class LastAppend:
     sha256: str  # of those bytes
     tokens: int  # the answer it got: tokens and segments after it
     segments: int
+
+
+# The JSON types of SessionMeta's fields (partial and last_append are decoded by from_json itself).
+_FIELD_TYPES = {"id": str, "tenant": str, "model": str, "created_at": (int, float), "updated_at": (int, float),
+                "offset": int, "held": str, "tokens": int, "segments": int, "pending_tokens": int,
+                "state_bytes": int, "state_digest": str, "version": int, "write_id": str}
 
 
 @dataclass(frozen=True)
@@ -75,9 +80,14 @@ class SessionMeta:
             d = json.loads(raw)
             if not isinstance(d, dict):
                 raise ValueError(f"session metadata is a JSON {type(d).__name__}, not an object")
-            return cls.from_json(d)
+            meta = cls.from_json(d)
         except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"malformed session metadata: {e!r}") from None
+        for f in fields(cls):  # a wrong type that is valid JSON ("created_at": "2026-12-01") would fail later
+            value, kinds = getattr(meta, f.name), _FIELD_TYPES.get(f.name)
+            if kinds and (isinstance(value, bool) or not isinstance(value, kinds)):
+                raise ValueError(f"malformed session metadata: {f.name} is {value!r}")
+        return meta
 
     def evolve(self, **changes) -> "SessionMeta":
         return replace(self, **changes)

@@ -10,6 +10,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from starlette.routing import Match
 
 from service.core.errors import StoreError
 from service.core.runtime import Runtime
@@ -118,12 +119,33 @@ class HttpMetrics:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            route = getattr(scope.get("route"), "path", None) or _template(scope)
             method = scope["method"] if scope["method"] in METHODS else "other"  # clients choose it: bounded here
             self.duration.labels(route, method, str(status[0])).observe(time.perf_counter() - start)
 
 
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def _template(scope) -> str:
+    """The route template of a request answered before routing (a 413 from the body limits, a 401 from the key
+    check): the route whose path it matches, so that it is counted with the rest of that route's requests;
+    "unmatched" for a path no route has (templates only: the label stays bounded)."""
+    for route in _flat_routes(getattr(scope.get("app"), "routes", ())):
+        if route.matches(scope)[0] != Match.NONE:
+            return getattr(route, "path", "unmatched")
+    return "unmatched"
+
+
+def _flat_routes(routes):
+    """The routes, looking inside the routers FastAPI includes lazily (their routes carry their full paths here:
+    every router of this app has its prefix and is included without another)."""
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        if inner is not None:
+            yield from _flat_routes(inner.routes)
+        else:
+            yield route
 
 
 def build_registry(runtime: Runtime, labels: dict[str, str]) -> CollectorRegistry:
