@@ -116,3 +116,35 @@ def test_concurrent_appends_through_both_replicas_one_winner_per_offset(clients,
     a.append(replay, 0, b"".join(data for _, data, _ in acked))
     assert a.get_session(replay)["state_digest"] == final_a["state_digest"]
     assert a.ask(replay, "Who wrote?", **QUESTION) == b.ask(sid, "Who wrote?", **QUESTION)
+
+
+def test_a_retry_sent_to_the_other_replica_while_the_first_runs_gets_the_same_answer(clients, replicas):
+    """A client whose answer was slow retries the same bytes on the other replica: one of the two commits wins the
+    store's version check, and the other, carrying the very same bytes, is the retry, not a lost race (it was a
+    409 saying the client lost a race it had won)."""
+    a, _ = clients
+    data, gate = DOC[:1800], threading.Event()
+    headers = {"Content-Type": "text/plain; charset=utf-8", "Authorization": f"Bearer {KEY}"}
+    for _ in range(2):
+        sid, answers = a.create_session()["id"], [None, None]
+
+        def body():
+            yield data[:-1]  # both servers have read the session (offset 0) before either body ends
+            gate.wait(30)
+            yield data[-1:]
+
+        def send(i: int) -> None:
+            r = httpx.post(f"{replicas[i].url}/v1/sessions/{sid}/append", params={"offset": 0}, content=body(),
+                           headers=headers, timeout=60)
+            answers[i] = (r.status_code, r.json())
+
+        gate.clear()
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        threading.Event().wait(0.5)
+        gate.set()
+        for t in threads:
+            t.join(120)
+        assert answers[0] == answers[1] and answers[0][0] == 200, answers
+        assert a.get_session(sid)["offset"] == len(data)

@@ -168,6 +168,11 @@ class SessionService:
         except VersionConflict:  # another replica appended to this session meanwhile and won
             self._cache.pop(meta.id, None)
             now = await self.get(meta.tenant, meta.id)
+            won = now.last_append
+            if won is not None and (won.start, won.length, won.sha256) == (last.start, last.length, last.sha256):
+                # the winner carried these very bytes (this request is a retry, sent to another replica while the
+                # first was still running): the answer a retry gets, not a conflict
+                return AppendResult(now.offset, won.tokens, won.segments)
             raise OffsetConflict(f"append at offset {last.start} lost a race with a concurrent append to this "
                                  f"session; the session's document has {now.offset} bytes", offset=now.offset) from None
         return AppendResult(meta.offset, meta.tokens, meta.segments)
