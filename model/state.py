@@ -152,8 +152,6 @@ class MemoryState:
         if any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in (segments, written)):
             raise ValueError(f"{what}: segments and tokens_written must be integers >= 0, got {segments!r} and "
                              f"{written!r}")
-        if not (torch.isfinite(A).all() and torch.isfinite(z).all()):  # a NaN memory answers token 0 forever
-            raise ValueError(f"{what}: the memory holds NaN or infinite values")
         return cls(A, z, str(meta["fingerprint"]), pending.tolist(), segments, written)
 
 
