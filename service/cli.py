@@ -20,11 +20,9 @@ def _load(model_dir: Path):
 
     from model import ArmtModel
 
-    from safetensors import SafetensorError
-
     try:
         return ArmtModel.from_pretrained(model_dir, device="cpu", dtype=torch.float32)
-    except (OSError, ValueError, SafetensorError) as e:  # missing files, a damaged or foreign weights file, a config
+    except (OSError, ValueError) as e:  # missing files, a damaged or foreign weights file, a bad config
         _fail(str(e))
 
 
@@ -186,10 +184,10 @@ def bench_ingest(
         _fail(f"--preset must be one of {sorted(PRESETS)}")
     if graphs and not device.startswith("cuda"):
         _fail("--graphs needs --device cuda (CUDA graphs)")
-    from service.cli_train import _check_device, _ints
+    from service.cli_options import check_device, int_list
 
-    _check_device(device)
-    lengths = list(_ints(segments, "--segments", low=1))
+    check_device(device)
+    lengths = list(int_list(segments, "--segments", low=1))
     for hint, value, low in (("--repeats", repeats, 1), ("--sessions", sessions, 0),
                              ("--session-segments", session_segments, 1), ("--drift-segments", drift_segments, 0),
                              ("--base-max-tokens", base_max_tokens, 0)):
@@ -224,12 +222,11 @@ def demo(model_dir: Path = DEMO_DIR) -> None:
 
 
 # Commands that live in their own modules (one concept per file).
-from service import cli_client, cli_train  # noqa: E402
+from service import cli_client, cli_eval, cli_train  # noqa: E402
 
 for _command in (cli_client.serve, cli_client.ingest, cli_client.ask, cli_client.sessions, cli_train.train):
     app.command()(_command)
-app.command("eval")(cli_train.evaluate)
-
+app.command("eval")(cli_eval.evaluate)
 
 
 def main() -> None:

@@ -1,17 +1,18 @@
-"""`armt train` and `armt eval`: the curriculum trainer and the exact-match evaluation (model/training).
+"""`armt train`: the curriculum trainer (model/training); `armt eval` is in service/cli_eval.py.
 
 Registered on the `armt` app by service/cli.py.
 """
 from __future__ import annotations
 
-import json
 import math
 import shutil
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import typer
+
+from service.cli_options import CHOICES, TASKS, check_ca_k, check_device, int_list
+
 
 def train(
     out: Path = typer.Option(Path("runs/train"), help="run directory: log, checkpoint, final model in OUT/model"),
@@ -113,18 +114,14 @@ def _train_config(options: dict):
     cfg = {f.name: options[f.name] for f in fields(TrainConfig) if f.name in options}
     if cfg["task"] == "ca":
         cfg.update(stages="1", aux_batch_size=0, copy_batch_size=0, probe_weight=0.0,
-                   ca_k=_ca_k(options["ca_k"], options["ca_variant"]))
-    cfg["stages"] = _ints(cfg["stages"], "--stages", low=0)
+                   ca_k=check_ca_k(options["ca_k"], options["ca_variant"]))
+    cfg["stages"] = int_list(cfg["stages"], "--stages", low=0)
     if cfg["questions"] is None:
         cfg["questions"] = 1 if cfg["task"] == "remember" else 4
     try:
         return TrainConfig(**cfg)
     except ValueError as e:  # the config's own checks (memory streams need task remember)
         raise typer.BadParameter(str(e), param_hint="--stream-max") from e
-
-
-TASKS = ("qa1", "qa2", "remember", "ca")
-CHOICES = {"arch": ("armt", "plain"), "ca_variant": ("os", "oo", "shift")}
 
 
 def _check_train_options(o: dict) -> None:
@@ -136,7 +133,7 @@ def _check_train_options(o: dict) -> None:
             raise typer.BadParameter(f"{o[name]!r} is not one of {', '.join(choices)}",
                                      param_hint=f"--{name.replace('_', '-')}")
     if o["task"] == "ca":
-        _ca_k(o["ca_k"], o["ca_variant"])
+        check_ca_k(o["ca_k"], o["ca_variant"])
     if o["warmup"] < 0:
         raise typer.BadParameter(f"must be >= 0, got {o['warmup']}", param_hint="--warmup")
     for name in ("batch_size", "layers", "hidden", "heads", "max_steps", "max_hop"):
@@ -153,7 +150,7 @@ def _check_train_options(o: dict) -> None:
             raise typer.BadParameter(f"must be >= 1, got {o[name]}", param_hint=f"--{name.replace('_', '-')}")
     _check_numbers(o)
     _check_ca_only(o)
-    _check_device(o["device"])
+    check_device(o["device"])
     for name in ("out", "export"):
         if o[name] is not None and o[name].exists() and not o[name].is_dir():
             raise typer.BadParameter(f"{o[name]} is a file; a directory is needed", param_hint=f"--{name}")
@@ -180,41 +177,6 @@ def _check_ca_only(o: dict) -> None:
     for name, default in (("arch", "armt"), ("ca_variant", "os"), ("ca_k", None), ("ca_context", False)):
         if o[name] != default:
             raise typer.BadParameter("applies to --task ca only", param_hint=f"--{name.replace('_', '-')}")
-
-
-def _check_device(device: str) -> None:
-    """A device torch can name and this machine has."""
-    import torch
-
-    try:
-        kind = torch.device(device).type
-    except RuntimeError as e:
-        raise typer.BadParameter(str(e).split("\n")[0], param_hint="--device") from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise typer.BadParameter("this torch build or machine has no CUDA device", param_hint="--device")
-    if kind not in ("cpu", "cuda"):
-        raise typer.BadParameter(f"{device!r}: cpu or cuda[:N]", param_hint="--device")
-
-
-def _ca_k(k: int | None, variant: str) -> int | None:
-    """--ca-k as the variant takes it (model/tasks/cellular_automata.py check_k: O-S defaults to 1)."""
-    from model.tasks.cellular_automata import check_k
-
-    try:
-        return check_k(k, variant)
-    except ValueError as e:
-        raise typer.BadParameter(str(e), param_hint="--ca-k") from None
-
-
-def _ints(text: str, hint: str, low: int) -> tuple[int, ...]:
-    """A comma-separated list of integers >= low (BadParameter otherwise)."""
-    try:
-        values = tuple(int(s) for s in text.split(",") if s.strip())
-    except ValueError:
-        raise typer.BadParameter(f"expected comma-separated integers, got {text!r}", param_hint=hint) from None
-    if not values or min(values) < low:
-        raise typer.BadParameter(f"expected integers >= {low}, got {text!r}", param_hint=hint)
-    return values
 
 
 def _training_model(o: dict):
@@ -278,169 +240,3 @@ def _save(model, trainer, out: Path, export: Path | None) -> None:
         for f in (out / "model").iterdir():
             shutil.copy2(f, export / f.name)
         typer.echo(f"exported to {export}")
-
-
-def evaluate(
-    model_dir: Path = typer.Argument(None, help="model directory (default: the shipped default model)"),
-    task: str = typer.Option("qa1", help="qa1 | qa2 | remember | ca (a cellular-automata model: see --ca-k)"),
-    segments: str = typer.Option("1,2,4,8,16,32,64", help="document lengths in segments"),
-    samples: int = typer.Option(256, help="documents per length"),
-    long_samples: int = typer.Option(64, help="documents per length above 256 segments (time)"),
-    split: str = typer.Option("eval", help="prose source: eval (held out) or train"),
-    seed: int = 1234,
-    batch_size: int = 16,
-    out: Path = typer.Option(None, help="JSON results (default runs/eval-TASK.json)"),
-    plot: Path = typer.Option(None, help="PNG of accuracy vs length (needs matplotlib)"),
-    executor: str = "diagonal",
-    memory: bool = typer.Option(True, help="--no-memory: baseline that sees only the last segment"),
-    ca_k: int = typer.Option(None, help="task ca: the horizon k, 1..4 (os: default 1; shift: default each of 1..4 "
-                                        "in turn; oo scores its four states)"),
-    ca_variant: str = typer.Option("os", help="task ca: os | oo | shift"),
-    max_hop: str = typer.Option("", help="task ca, ACT models: comma-separated max_hop values to compare"),
-    act_threshold: float = typer.Option(None, help="task ca, ACT models: halting threshold 1 - epsilon, in (0, 1] "
-                                                   "(default: the model's)"),
-    act_fixed: bool = typer.Option(None, "--act-fixed/--act-adaptive", help="task ca, ACT models: always run "
-                                   "max_hop hops, or halt adaptively (default: as the model was trained)"),
-) -> None:
-    """Exact-match accuracy against document length, with 95% Wilson intervals; JSON and an optional PNG.
-
-    Task ca: exact match and cell accuracy on test-split rules (never seen in training), per max_hop for ACT models.
-    """
-    import torch
-
-    from model import default_model_path
-    from model.tasks import Codec
-
-    from service.cli import _fail, _load
-
-    lengths = _check_eval_options(task, segments, samples, long_samples, split, executor, batch_size)
-    for hint, path in (("--out", out), ("--plot", plot)):  # before the evaluation, whose results they would lose
-        _check_output_file(path, hint)
-    if task == "ca":
-        _eval_ca(model_dir, _ca_ks(model_dir, ca_k, ca_variant), ca_variant, samples, seed, out,
-                 max_hop=max_hop, act_threshold=act_threshold, act_fixed=act_fixed)
-        return
-    for hint, value in (("--max-hop", max_hop.strip() or None), ("--act-threshold", act_threshold),
-                        ("--act-fixed", act_fixed)):
-        if value is not None:
-            raise typer.BadParameter("applies to --task ca only", param_hint=hint)
-    m = _load(model_dir or default_model_path())
-    if m.tokenizer is None:
-        _fail("the model has no tokenizer.json")
-    codec, label = Codec(m.tokenizer), task if memory else f"{task} (no memory)"
-    with torch.no_grad():  # not set_grad_enabled: the command also runs in-process (tests, notebooks)
-        rows = [_qa_row(m, codec, task, n, samples if n <= 256 else long_samples, label, split=split,
-                        seed=seed + n, batch_size=batch_size, executor=executor, memory=memory) for n in lengths]
-    out = out or Path(f"runs/eval-{task}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": str(model_dir or default_model_path()), "split": split, "rows": rows},
-                              indent=2))
-    if plot is not None:
-        _plot_eval(rows, task, plot)
-
-
-def _qa_row(m, codec, task: str, n: int, k: int, label: str, **options) -> dict:
-    """Exact match on k documents of n segments (model/training accuracy), printed as it comes."""
-    from model.training import accuracy
-
-    start = time.perf_counter()
-    row = accuracy(m, codec, task, n, k, **options)
-    row["seconds"] = round(time.perf_counter() - start, 1)
-    typer.echo(f"{label} {n:5d} seg {row['tokens']:8d} tok  exact match {row['accuracy']:.3f} "
-               f"[{row['ci95'][0]:.3f}, {row['ci95'][1]:.3f}]  n={row['samples']}  {row['seconds']}s")
-    return row
-
-
-def _check_eval_options(task: str, segments: str, samples: int, long_samples: int, split: str,
-                        executor: str, batch_size: int) -> tuple[int, ...]:
-    """The document lengths; BadParameter for option values that would fail late or print nonsense rows."""
-    if task not in TASKS:
-        raise typer.BadParameter(f"unknown task {task!r}; one of {', '.join(TASKS)}", param_hint="--task")
-    if samples < 1 or long_samples < 1:
-        raise typer.BadParameter("must be >= 1", param_hint="--samples / --long-samples")
-    if batch_size < 1:
-        raise typer.BadParameter(f"must be >= 1, got {batch_size}", param_hint="--batch-size")
-    if split not in ("eval", "train"):
-        raise typer.BadParameter(f"{split!r} is not eval or train", param_hint="--split")
-    if executor not in ("sequential", "diagonal"):
-        raise typer.BadParameter(f"{executor!r} is not sequential or diagonal", param_hint="--executor")
-    return _ints(segments, "--segments", low=1)
-
-
-def _check_output_file(path: Path | None, hint: str) -> None:
-    """A file that can be written: not a directory, and no file where its directories would go."""
-    if path is None:
-        return
-    if path.is_dir():
-        raise typer.BadParameter(f"{path} is a directory; a file name is needed", param_hint=hint)
-    parent = path.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise typer.BadParameter(f"{parent} is a file, so {path} cannot be created", param_hint=hint)
-
-
-def _ca_ks(model_dir: Path | None, k: int | None, variant: str) -> list[int | None]:
-    """The horizons to score: --ca-k, or the variant's own (shift: each of 1..4 in turn)."""
-    if model_dir is None:
-        raise typer.BadParameter("task ca needs the directory of a model trained on it (armt train --task ca)",
-                                 param_hint="MODEL_DIR")
-    if variant not in CHOICES["ca_variant"]:
-        raise typer.BadParameter(f"{variant!r} is not one of {', '.join(CHOICES['ca_variant'])}",
-                                 param_hint="--ca-variant")
-    if variant == "shift" and k is None:
-        return [1, 2, 3, 4]
-    return [_ca_k(k, variant)]
-
-
-def _eval_ca(model_dir: Path, ks: list[int | None], variant: str, samples: int, seed: int, out: Path | None,
-             max_hop: str, **act) -> None:
-    """Rows per horizon and max_hop; act: act_threshold / act_fixed overrides (None: the model's)."""
-    from model.act import ActRun
-    from model.training.reasoning import ca_accuracy, check_fits
-
-    from service.cli import _fail, _load
-
-    hops = list(_ints(max_hop, "--max-hop", low=1)) if max_hop.strip() else [None]
-    m = _load(model_dir)
-    try:  # the engine's own checks (ACT knobs on a model without ACT, out-of-range values), before any work
-        check_fits(m, variant)
-        for hop in hops:
-            ActRun.for_model(m.config, hop, threshold=act["act_threshold"], fixed=act["act_fixed"])
-    except ValueError as e:
-        _fail(str(e))
-    rows = []
-    for k in ks:
-        for hop in hops:
-            start = time.perf_counter()
-            row = ca_accuracy(m, k, variant, samples, split="test", seed=seed, max_hop=hop, **act)
-            row["seconds"] = round(time.perf_counter() - start, 1)
-            rows.append(row)
-            extra = f" mean hops {row['mean_hops']}" if "mean_hops" in row else ""
-            typer.echo(f"ca {variant} k={k} max_hop={hop}: exact {row['accuracy']:.3f} [{row['ci95'][0]:.3f}, "
-                       f"{row['ci95'][1]:.3f}] cells {row['cell_accuracy']:.3f} n={row['samples']}{extra}")
-    out = out or Path(f"runs/eval-ca-{variant}" + (f"-k{ks[0]}" if len(ks) == 1 and ks[0] else "") + ".json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": str(model_dir), "rows": rows}, indent=2))
-
-
-def _plot_eval(rows: list[dict], task: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    xs = [r["segments"] for r in rows]
-    ys = [r["accuracy"] for r in rows]
-    err = [[y - r["ci95"][0] for y, r in zip(ys, rows)], [r["ci95"][1] - y for y, r in zip(ys, rows)]]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3)
-    ax.set_xscale("log", base=2)
-    ax.set_ylim(0, 1.02)
-    ax.set_xlabel("document length (segments)")
-    ax.set_ylabel("exact match")
-    ax.set_title(task)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
