@@ -10,10 +10,11 @@ Project format (a directory; official layouts: model/official.py, and the HF ARM
 from __future__ import annotations
 
 import hashlib
+import pickle
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .armt import ArmtModel
@@ -53,10 +54,6 @@ def read_weights(directory: Path) -> tuple[dict, dict]:
 
 def _read_one(path: Path) -> tuple[dict, dict]:
     """One weights file; a damaged or truncated one is a ValueError naming it (not a traceback from the reader)."""
-    import pickle
-
-    from safetensors import SafetensorError
-
     try:
         if path.suffix == ".safetensors":
             return _read_safetensors(path)
