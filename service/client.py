@@ -95,7 +95,7 @@ class ArmtClient:
 
     # ------------------------------------------------------------------ questions
     def ask(self, session_id: str, question: str, **params) -> dict:
-        """The whole answer: {"answer", "finish_reason", "usage"}."""
+        """The whole answer: {"answer", "finish_reason", "mean_hops", "usage"}."""
         return self._json(self.http.post(f"/v1/sessions/{session_id}/ask",
                                          json={"question": question, **params, "stream": False}))
 

@@ -5,9 +5,10 @@ write is version-checked there (service/core/redis_store.py).
 
     ARMT_STORE=redis://host:6379/0 serve run service.ray_app:build num_replicas=2
 
-Settings come from the ARMT_* environment of the replicas (Ray's runtime_env `env_vars`; the KubeRay manifest in
-deploy/ray/ sets them). This module lives in the `service` package, not in deploy/, so that the container image
-(which installs the package) can import it. Needs the `deploy` extra: `pip install 'armt-serve[deploy]'`.
+Settings come from the ARMT_* environment of the replicas (deploy/ray/rayservice.yaml sets them as the worker
+containers' `env`, which Ray's replica processes inherit; `runtime_env.env_vars` works too).
+This module lives in the `service` package, not in deploy/, so that the container image (which installs the
+package) can import it. Needs the `deploy` extra: `pip install 'armt-serve[deploy]'`.
 """
 from __future__ import annotations
 

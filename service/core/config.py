@@ -1,5 +1,5 @@
 """The core's configuration as a plain dataclass; service/settings.py builds it once from the ARMT_* settings
-(defaults live there, not here)."""
+(the service's defaults live there; the ones here serve code that builds it directly, such as tests)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

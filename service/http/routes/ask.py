@@ -2,7 +2,7 @@
 
 SSE events (one `data:` line of JSON each):
     event: token   data: {"text": "..."}                 one per decoded piece (whole characters only)
-    event: done    data: {"answer", "finish_reason", "usage": {"prompt_tokens", "completion_tokens"}}
+    event: done    data: {"answer", "finish_reason", "mean_hops", "usage": {"prompt_tokens", "completion_tokens"}}
     event: error   data: {"error": {"code", "message"}}  if decoding fails after the stream started, or the
                                                          server shuts down before the answer ends (shutting_down)
 and `: ping` comments while waiting. Closing the connection stops decoding.
