@@ -171,8 +171,13 @@ def _check_numbers(o: dict) -> None:
 
 
 def _check_ca_only(o: dict) -> None:
-    """Options of the CA task given to a text task did nothing: refused, as `armt eval` refuses them."""
+    """Options of the CA task given to a text task did nothing: refused, as `armt eval` refuses them; so is a
+    --segment-size for a new CA model, whose segments follow the sample layout."""
     if o["task"] == "ca":
+        if o["init"] is None and o["segment_size"] is not None:
+            raise typer.BadParameter("a new CA model's segments follow its layout (armt: one 21-token state; plain: "
+                                     "the whole sample); it applies with --init of a plain HF base",
+                                     param_hint="--segment-size")
         return
     for name, default in (("arch", "armt"), ("ca_variant", "os"), ("ca_k", None), ("ca_context", False)):
         if o[name] != default:
@@ -183,7 +188,7 @@ def _training_model(o: dict):
     """A fresh CA model, an existing directory (--init), or a fresh QA model with the default tokenizer."""
     from model import ArmtConfig
     from model.training import default_tokenizer, load_for_training, new_model
-    from model.training.reasoning import new_ca_model
+    from model.training.reasoning import check_fits, new_ca_model
 
     shape = {k: o[k] for k in ("layers", "hidden", "heads", "ffn", "num_mem_tokens", "d_mem", "act", "max_hop",
                                "act_fixed")}
@@ -192,7 +197,10 @@ def _training_model(o: dict):
         armt = ArmtConfig(num_mem_tokens=0 if task == "ca" and o["arch"] == "plain" else o["num_mem_tokens"],
                           d_mem=o["d_mem"], segment_size=_segment_size(o), armt_version=2)
         try:
-            return load_for_training(init, armt, needs_tokenizer=task != "ca")
+            model = load_for_training(init, armt, needs_tokenizer=task != "ca")
+            if task == "ca":  # a text model would train, then fail its checks and `armt eval --task ca`
+                check_fits(model, o["ca_variant"])
+            return model
         except (FileNotFoundError, ValueError) as e:
             raise typer.BadParameter(str(e), param_hint="--init") from e
     if task == "ca":

@@ -103,3 +103,21 @@ def test_splits_are_rule_disjoint_and_deterministic():
     for n in range(4000):
         counts[rule_split(format(n * 2654435761 % 2**32, "032b"))] += 1
     assert 100 < counts["test"] < 320 and 100 < counts["validation"] < 320  # about 5% each
+
+
+def test_context_spans_are_trained_on_but_only_the_target_is_scored():
+    """--ca-context's nine teacher-forced spans join the loss; the logged accuracy (and the curriculum gate that
+    reads it) stays the target's, as evaluation has it."""
+    import torch
+
+    from model.training.objective import losses
+    from model.training.reasoning import ca_batch, new_ca_model
+
+    model = new_ca_model("armt", layers=2, hidden=32, heads=2, ffn=64, num_mem_tokens=4, d_mem=8)
+    plain, context = (ca_batch(random.Random(5), 3, 1, "os", context=c) for c in (False, True))
+    assert context.n_questions == 3 * 10 and context.scored.tolist() == ([True] + [False] * 9) * 3
+    with torch.no_grad():
+        a, b = losses(model, None, plain, False), losses(model, None, context, False)
+    assert (b["questions"], b["cells"]) == (3, 3 * 20) and (b["correct"], b["cells_correct"]) == (a["correct"],
+                                                                                                a["cells_correct"])
+    assert not torch.equal(a["answer"], b["answer"])  # the context spans are in the loss

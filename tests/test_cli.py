@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
+from model.weights import DEFAULT_MODEL_DIR
 from service.cli import app
 from tests.conftest import build_reference, write_official
 
@@ -225,7 +226,8 @@ def test_resume_refuses_a_checkpoint_of_another_run(tmp_path):
     assert (tmp_path / "run" / "checkpoint" / "trainer.pt").is_file()
     again = runner.invoke(app, ["train", "--out", out, "--stages", "0,1", "--resume", *TINY_TEXT, "--max-steps", "2"])
     assert again.exit_code == 0, again.output  # the budgets may change
-    for change, name in ((["--task", "qa2"], "task"), (["--hidden", "64"], "shape")):
+    # qa2 on the dense stage only: no 2-fact document fits the 17-token shortest stage-1 documents of 32-token segments
+    for change, name in ((["--task", "qa2", "--stages", "0"], "task"), (["--hidden", "64"], "shape")):
         other = runner.invoke(app, ["train", "--out", out, "--stages", "0,1", "--resume", *TINY_TEXT, *change])
         assert other.exit_code == 2 and "another" in other.output and name in other.output, other.output
 
@@ -299,3 +301,15 @@ def test_ca_eval_refuses_a_text_model(tmp_path):
     result = CliRunner().invoke(app, ["eval", str(default_model_path()), "--task", "ca", "--samples", "2", "--out",
                                       str(tmp_path / "e.json")])
     assert result.exit_code == 2 and "not a cellular-automata model" in result.output, result.output
+
+
+def test_ca_training_refuses_a_segment_size_it_would_ignore_and_a_text_model(tmp_path):
+    """A new CA model's segments follow its layout (--segment-size was dropped silently); --init of a text model
+    trained, then failed its validation check and `armt eval --task ca`."""
+    runner, env = CliRunner(), {"COLUMNS": "400"}
+    seg = runner.invoke(app, ["train", "--out", str(tmp_path / "a"), "--task", "ca", "--segment-size", "30"], env=env)
+    assert seg.exit_code == 2 and "--segment-size" in seg.output and "layout" in seg.output, seg.output
+    text = runner.invoke(app, ["train", "--out", str(tmp_path / "b"), "--task", "ca", "--max-steps", "1",
+                               "--init", str(DEFAULT_MODEL_DIR)], env=env)
+    assert text.exit_code == 2 and "--init" in text.output and "not a cellular-automata model" in text.output
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b" / "model").exists()

@@ -113,3 +113,24 @@ def test_collate_pads_after_answers(codec):
         assert b.ids[row, : len(s)].tolist() == s.ids
         assert (b.ids[row, len(s):] == codec.pad).all()
     assert b.n_questions == 4 and b.probe_pos.max() < 4 * T
+
+
+def test_a_task_word_the_tokenizer_splits_is_named_not_hidden_as_a_length_problem():
+    """document() retries with fewer facts when they do not fit; a tokenizer without the task words is another
+    error, and its message must reach the user (it used to read 'no qa1 document fits in 60 tokens')."""
+    from model.tasks import DoesNotFit
+    from model.text import train_tokenizer
+
+    bare = Codec(train_tokenizer(train_sentences()[:200], 400))
+    for task in ("qa1", "qa2"):
+        with pytest.raises(ValueError, match="the tokenizer splits") as info:
+            document(bare, random.Random(0), task, 1, 60, 1, "eval")
+        assert not isinstance(info.value, DoesNotFit)
+    with pytest.raises(DoesNotFit, match="no qa1 document fits in 8 tokens"):
+        document(Codec(default_tokenizer(3000)), random.Random(0), "qa1", 1, 8, 1, "eval")
+
+
+def test_key_gap_value_refuses_a_segment_too_short_for_one_pair(codec):
+    assert len(key_gap_value(codec, random.Random(0), 13).answers) == 1
+    with pytest.raises(ValueError, match="at least 13 tokens"):
+        key_gap_value(codec, random.Random(0), 12)  # was an IndexError from an empty choice

@@ -182,3 +182,16 @@ def test_no_warmup_is_full_rate_from_the_first_step(tokenizer, tmp_path):
     assert trainer.lr_at(0) == trainer.cfg.lr
     with pytest.raises(ValueError, match="warmup"):
         config(warmup=-1)
+
+
+def test_check_batches_tries_each_stage_at_its_shortest_documents(tokenizer, tmp_path):
+    """Segments of 24 tokens with 4 questions: the old check (one batch per stage at a random length) passed, and
+    training then stopped minutes in on a short document that did not fit; the shortest ones fail at the check."""
+    model = new_model(tokenizer, layers=2, hidden=32, heads=2, ffn=64, num_mem_tokens=4, d_mem=8, segment_size=24)
+    trainer = Trainer(model, Codec(tokenizer), config(stages=(1, 2), questions=4), tmp_path)
+    with pytest.raises(ValueError, match="no qa1 document fits in 13 tokens"):
+        trainer.check_batches()
+    Trainer(tiny(tokenizer), Codec(tokenizer), config(), tmp_path).check_batches()  # the usual shapes pass
+    short = new_model(tokenizer, layers=2, hidden=32, heads=2, ffn=64, num_mem_tokens=4, d_mem=8, segment_size=12)
+    with pytest.raises(ValueError, match="key-gap-value"):  # the auxiliary batch is checked too (was step 1's crash)
+        Trainer(short, Codec(tokenizer), config(stages=(0,), questions=1), tmp_path).check_batches()

@@ -1,7 +1,7 @@
 """Synthetic tasks for training and evaluation: BABILong-style QA1/QA2 in real prose, associative retrieval."""
 from .babi import PEOPLE, PLACES, TASK_WORDS, make, qa1, qa2
 from .remember import key_gap_value, remember
-from .sample import Codec, Sample
+from .sample import Codec, DoesNotFit, Sample
 
 TASK_NAMES = ("qa1", "qa2", "remember")
 
@@ -13,5 +13,5 @@ def generate(task: str, codec: Codec, rng, n_tokens: int, split: str | None = "t
     return make(task, codec, rng, n_tokens, split, **kw)
 
 
-__all__ = ["Codec", "Sample", "PEOPLE", "PLACES", "TASK_WORDS", "TASK_NAMES", "generate", "qa1", "qa2",
+__all__ = ["Codec", "DoesNotFit", "Sample", "PEOPLE", "PLACES", "TASK_WORDS", "TASK_NAMES", "generate", "qa1", "qa2",
            "remember", "key_gap_value"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 
-from .sample import Codec, Piece, Sample, assemble, fact_piece
+from .sample import Codec, DoesNotFit, Piece, Sample, assemble, fact_piece
 
 PEOPLE = ("Mary", "John", "Daniel", "Sandra")
 PLACES = ("bathroom", "bedroom", "garden", "hallway", "kitchen", "office")
@@ -61,7 +61,7 @@ def qa2(codec: Codec, rng: random.Random, n_tokens: int, split: str | None = "tr
     again until some object has one: falling back to a person's place made 11-17% of QA2 questions QA1 ones)."""
     n_facts = n_facts if n_facts is not None else rng.randint(4, 8)
     if n_facts < 2:
-        raise ValueError("a QA2 document needs at least 2 facts (a move and a pick-up)")
+        raise DoesNotFit("a QA2 document needs at least 2 facts (a move and a pick-up)")
     while True:
         facts, place = _qa2_facts(codec, rng, n_facts)
         if place:

@@ -107,7 +107,8 @@ def ca_sample(rng: random.Random, split: str = "train", k: int | None = None, va
     sample.ids = ids
     answer_positions = {p for span in sample.answers for p in span}
     sample.inputs = [MASK if p in answer_positions else t for p, t in enumerate(ids)]
-    if context:  # s_i's cells sit at i * GROUP + 1 .. i * GROUP + WIDTH
+    if context:  # s_i's cells sit at i * GROUP + 1 .. i * GROUP + WIDTH; trained on, not counted in accuracy
+        sample.scored = len(sample.answers)
         sample.answers += [list(range(i * GROUP + 1, (i + 1) * GROUP)) for i in range(1, GIVEN)]
     return sample
 

@@ -22,6 +22,7 @@ from .sample import Codec, Piece, Sample, assemble, fact_piece
 
 TOKENS_PER_PAIR = 64  # one pair per default-model segment when the caller does not say how many
 N_WORDS = 100  # keys, and values
+KGV_MIN_TOKENS = 13  # key_gap_value writes a pair while 10 more tokens fit before the question (2 tokens)
 
 
 @dataclass
@@ -76,6 +77,9 @@ def pair_words(codec: Codec) -> tuple[list[str], list[str]]:
 
 def key_gap_value(codec: Codec, rng: random.Random, n_tokens: int) -> Sample:
     """One-segment auxiliary sample; probes at every value name its key."""
+    if n_tokens < KGV_MIN_TOKENS:
+        raise ValueError(f"a key-gap-value sample needs segments of at least {KGV_MIN_TOKENS} tokens, got {n_tokens} "
+                         "(or turn the auxiliary batch off: aux_batch_size 0)")
     keys = [codec.word(p) for p in PEOPLE]
     values = [codec.word(p) for p in PLACES]
     filler_hi = codec.tokenizer.get_vocab_size()

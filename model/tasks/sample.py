@@ -20,9 +20,15 @@ class Sample:
     probes: list[tuple[int, int]] = field(default_factory=list)  # (position, token the probe should name there)
     answer: str = ""  # the last question's answer as text
     inputs: list[int] | None = None  # what the model reads, when it differs from ids (masked targets)
+    scored: int | None = None  # answer spans that count in accuracy: the first `scored` (None: all)
 
     def __len__(self) -> int:
         return len(self.ids)
+
+
+class DoesNotFit(ValueError):
+    """The facts and questions asked for need more tokens than the document has. Callers retry with fewer facts;
+    any other ValueError (a task word the tokenizer splits, say) is a real error and must reach the user."""
 
 
 class Codec:
@@ -94,7 +100,7 @@ def assemble(codec: Codec, rng: random.Random, split: str | None, facts: list[Pi
     qa = [(q, codec.encode(" " + a) + [codec.eos], a) for q, a in questions]
     fixed = sum(len(f.ids) for f in facts) + sum(len(q.ids) + len(a) for q, a, _ in qa)
     if split is not None and fixed > n_tokens:
-        raise ValueError(f"{len(facts)} facts and {len(qa)} questions need {fixed} tokens, more than {n_tokens}")
+        raise DoesNotFit(f"{len(facts)} facts and {len(qa)} questions need {fixed} tokens, more than {n_tokens}")
     prose = prose_pieces(codec, rng, split, n_tokens - fixed) if split is not None else []
     slots = sorted(rng.randint(0, len(prose)) for _ in facts)  # fact j goes before prose piece slots[j]
     sample, fact_i = Sample([]), 0

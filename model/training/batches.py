@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..tasks import Codec, Sample, generate, key_gap_value
+from ..tasks import Codec, DoesNotFit, Sample, generate, key_gap_value
 from ..tasks.remember import copy_half
 
 
@@ -24,6 +24,7 @@ class Batch:
     probe_pos: torch.Tensor  # [P] flat positions for the probe
     probe_target: torch.Tensor  # [P] token ids the probe should name
     inputs: torch.Tensor | None = None  # [B, T] what the model reads when it differs from ids (masked targets)
+    scored: torch.Tensor | None = None  # [Q] bool: questions that count in accuracy (None: all)
 
     @property
     def tokens(self) -> int:
@@ -39,12 +40,13 @@ def collate(samples: list[Sample], pad: int, with_probe: bool) -> Batch:
     """Pad at the end (after every answer, so pads are never attended to by a scored position)."""
     T = max(len(s) for s in samples)
     ids = torch.full((len(samples), T), pad, dtype=torch.int64)  # [B, T]
-    a_pos, a_q, p_pos, p_tgt, q = [], [], [], [], 0
+    a_pos, a_q, p_pos, p_tgt, scored, q = [], [], [], [], [], 0
     for row, s in enumerate(samples):
         ids[row, : len(s)] = torch.tensor(s.ids)
-        for span in s.answers:
+        for n, span in enumerate(s.answers):
             a_pos.extend(row * T + t for t in span)
             a_q.extend([q] * len(span))
+            scored.append(s.scored is None or n < s.scored)
             q += 1
         if with_probe:
             p_pos.extend(row * T + t for t, _ in s.probes)
@@ -55,19 +57,27 @@ def collate(samples: list[Sample], pad: int, with_probe: bool) -> Batch:
         inputs = ids.clone()
         for row, s in enumerate(samples):
             inputs[row, : len(s)] = torch.tensor(s.inputs)
-    return Batch(ids, as_long(a_pos), as_long(a_q), q, as_long(p_pos), as_long(p_tgt), inputs)
+    counted = None if all(scored) else torch.tensor(scored, dtype=torch.bool)  # [Q]
+    return Batch(ids, as_long(a_pos), as_long(a_q), q, as_long(p_pos), as_long(p_tgt), inputs, counted)
 
 
 def stage_length(rng: random.Random, stage: int, segment_size: int) -> int:
     """Document length for a stage: one segment for the dense stage, else in (n - 1/2, n] segments."""
     if stage == 0:
         return segment_size
-    return stage * segment_size - rng.randrange(segment_size // 2)
+    return stage * segment_size - rng.randrange(max(1, segment_size // 2))
+
+
+def shortest_length(stage: int, segment_size: int) -> int:
+    """The shortest document stage_length draws: where facts and questions are likeliest not to fit."""
+    return segment_size if stage == 0 else stage * segment_size - (max(1, segment_size // 2) - 1)
 
 
 def task_batch(codec: Codec, rng: random.Random, task: str, stage: int, batch_size: int, segment_size: int,
-               questions: int, split: str = "train", with_probe: bool = True, **kw) -> Batch:
-    n_tokens = stage_length(rng, stage, segment_size)
+               questions: int, split: str = "train", with_probe: bool = True, n_tokens: int | None = None,
+               **kw) -> Batch:
+    """batch_size documents of one length: n_tokens, or one drawn for the stage."""
+    n_tokens = n_tokens if n_tokens is not None else stage_length(rng, stage, segment_size)
     samples = [document(codec, rng, task, stage, n_tokens, questions, split, **kw) for _ in range(batch_size)]
     return collate(samples, codec.pad, with_probe)
 
@@ -82,9 +92,9 @@ def document(codec: Codec, rng: random.Random, task: str, stage: int, n_tokens: 
     for n_facts in range(rng.randint(lo, hi), 0, -1):
         try:
             return generate(task, codec, rng, n_tokens, split, n_facts=n_facts, n_questions=questions, **kw)
-        except ValueError:
+        except DoesNotFit:  # fewer facts; other errors (a task word the tokenizer splits) are the user's to see
             continue
-    raise ValueError(f"no {task} document fits in {n_tokens} tokens")
+    raise DoesNotFit(f"no {task} document fits in {n_tokens} tokens")
 
 
 FACTS = {"qa1": (2, 5), "qa2": (4, 8)}

@@ -3,7 +3,7 @@
 Runs the sequential order segment by segment with autograd on: the diagonal executor has no backward pass, and
 the sequential one is the reference order, so training sees exactly the computation served later.
 
-Name-binding probe (research/default-model-recipe.md): a linear head, training only, reads one layer's output
+Name-binding probe (from the team's first CPU recipe): a linear head, training only, reads one layer's output
 through a LayerNorm without learned weights and names, at each place token of a fact, the person it belongs to
 (at "?" the subject asked about; in the key-gap-value task the key before each value). It teaches the step
 answer-only supervision did not find: the place token collecting which name it belongs to.
@@ -85,9 +85,10 @@ def losses(model, probe: Probe | None, batch: Batch, use_probe: bool, grad_segme
     out = {"answer": F.cross_entropy(logits.float(), targets), "memory": (A.detach(), z.detach(), first)}
     hit = (logits.argmax(-1) == targets).float()  # [N]
     wrong = torch.zeros(batch.n_questions, device=hit.device).index_add_(0, batch.answer_question, 1 - hit)  # [Q]
-    out["correct"] = int((wrong == 0).sum())
-    out["questions"] = batch.n_questions
-    out["cells_correct"], out["cells"] = int(hit.sum()), int(hit.numel())
+    counted = batch.scored if batch.scored is not None else torch.ones_like(wrong, dtype=torch.bool)  # [Q]
+    out["correct"], out["questions"] = int(((wrong == 0) & counted).sum()), int(counted.sum())
+    cell_counted = counted[batch.answer_question]  # [N]: the loss takes every span, the scores the counted ones
+    out["cells_correct"], out["cells"] = int(hit[cell_counted].sum()), int(cell_counted.sum())
     if act is not None:
         out["ponder"] = act.ponder_cost()
     if tapped is not None and batch.probe_pos.numel():

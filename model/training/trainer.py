@@ -21,7 +21,7 @@ import torch
 
 from ..tasks import Codec
 from ..tasks.cellular_automata import check_k
-from .batches import aux_batch, task_batch
+from .batches import aux_batch, shortest_length, task_batch
 from .evaluate import accuracy
 from .objective import Probe, losses
 from .reasoning import ca_accuracy, ca_batch
@@ -170,14 +170,15 @@ class Trainer:
         use_probe = self.probe is not None and stage <= cfg.probe_max_stage
         return batch, losses(self.model, self.probe, batch, use_probe, cfg.grad_segments), False
 
-    def _task_batch(self, stage: int):
+    def _task_batch(self, stage: int, n_tokens: int | None = None):
         cfg = self.cfg
         if cfg.task == "ca":
             return ca_batch(self.rng, cfg.batch_size, cfg.ca_k, cfg.ca_variant, context=cfg.ca_context)
         kw = {"distinct": True} if stage == 0 and cfg.dense_distinct and cfg.task == "qa1" else {}
         if cfg.task == "remember" and cfg.ask_past:
             kw = {"ask_past": cfg.ask_past}
-        return task_batch(self.codec, self.rng, cfg.task, stage, cfg.batch_size, self.S, cfg.questions, **kw)
+        return task_batch(self.codec, self.rng, cfg.task, stage, cfg.batch_size, self.S, cfg.questions,
+                          n_tokens=n_tokens, **kw)
 
     def _heldout(self, seed: int) -> dict:
         """Fresh documents of the current stage (QA: a separate generator; CA: the validation rules)."""
@@ -188,13 +189,21 @@ class Trainer:
         return accuracy(self.model, self.codec, cfg.task, max(self.stage, 1), cfg.heldout, split="train", seed=seed,
                         dense=dense, distinct=dense and cfg.dense_distinct and cfg.task == "qa1")
 
-    def check_batches(self) -> None:
-        """One batch of every stage, from a generator of its own (training's stays untouched): options whose
-        documents cannot be built (more questions than a segment holds) fail now, not when training gets there."""
+    def check_batches(self, rounds: int = 8) -> None:
+        """`rounds` batches of every stage at its shortest length, and an auxiliary batch, from a generator of its
+        own (training's stays untouched): options whose documents cannot be built (more questions than a segment
+        holds, segments too short for the task) fail now, not when training draws such a document minutes later.
+        Wording is random, so this is a sample, weighted to the worst case: a stage whose shortest documents pass
+        eight rounds fails about never at the lengths training draws."""
+        cfg = self.cfg
         rng, self.rng = self.rng, random.Random(0)
         try:
-            for stage in self.cfg.stages:
-                self._task_batch(stage)
+            if cfg.task != "ca" and (cfg.aux_batch_size or cfg.copy_batch_size):
+                aux_batch(self.codec, self.rng, min(1, cfg.aux_batch_size), self.S, min(1, cfg.copy_batch_size))
+            for stage in cfg.stages:
+                shortest = None if cfg.task == "ca" else shortest_length(stage, self.S)
+                for _ in range(rounds if shortest is not None else 1):
+                    self._task_batch(stage, shortest)
         finally:
             self.rng = rng
 
