@@ -1,12 +1,20 @@
 """Option checks the `armt` commands share (train, eval, bench): BadParameter naming the option, before any work."""
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import typer
 
 TASKS = ("qa1", "qa2", "remember", "ca")
 CHOICES = {"arch": ("armt", "plain"), "ca_variant": ("os", "oo", "shift")}
+
+
+def option_default(command, name: str):
+    """The default of a command's option as its signature declares it (a typer.Option's, or the plain value), so
+    that checks for 'given or not' never repeat a default that may change."""
+    value = inspect.signature(command).parameters[name].default
+    return getattr(value, "default", value)
 
 
 def check_device(device: str) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from service.cli_options import CHOICES, TASKS, check_ca_k, check_device, int_list
+from service.cli_options import CHOICES, TASKS, check_ca_k, check_device, int_list, option_default
 
 
 def train(
@@ -150,6 +150,11 @@ def _check_train_options(o: dict) -> None:
             raise typer.BadParameter(f"must be >= 1, got {o[name]}", param_hint=f"--{name.replace('_', '-')}")
     _check_numbers(o)
     _check_ca_only(o)
+    if o["ask_past"] and o["task"] != "remember":
+        raise typer.BadParameter("applies to --task remember only", param_hint="--ask-past")
+    for name in ("max_hop", "act_fixed"):
+        if o[name] != option_default(train, name) and not o["act"]:
+            raise typer.BadParameter("applies to a model made with --act", param_hint=f"--{name.replace('_', '-')}")
     check_device(o["device"])
     for name in ("out", "export"):
         if o[name] is not None and o[name].exists() and not o[name].is_dir():
@@ -195,7 +200,8 @@ def _training_model(o: dict):
     init, task = o["init"], o["task"]
     if init is not None:  # an ARMT trained before (CA ones have no tokenizer), or a plain HF base + fresh memory
         armt = ArmtConfig(num_mem_tokens=0 if task == "ca" and o["arch"] == "plain" else o["num_mem_tokens"],
-                          d_mem=o["d_mem"], segment_size=_segment_size(o), armt_version=2)
+                          d_mem=o["d_mem"], segment_size=_segment_size(o), armt_version=2, act=o["act"],
+                          max_hop=o["max_hop"], act_fixed=o["act_fixed"])  # a plain HF base takes these
         try:
             model = load_for_training(init, armt, needs_tokenizer=task != "ca")
             if task == "ca":  # a text model would train, then fail its checks and `armt eval --task ca`

@@ -203,7 +203,10 @@ def test_ca_eval_options_are_clean_errors(tmp_path):
                        ([plain, "--task", "ca", "--act-threshold", "0.5", *out], "adaptive computation"),
                        ([act, "--task", "ca", "--act-threshold", "2", *out], "act_threshold"),
                        (["--task", "qa1", "--max-hop", "2", *out], "--task ca only"),
-                       (["--task", "qa1", "--act-fixed", *out], "--task ca only")):
+                       (["--task", "qa1", "--act-fixed", *out], "--task ca only"),
+                       ([act, "--task", "ca", "--segments", "2", *out], "--segments"),  # were ignored silently
+                       ([act, "--task", "ca", "--no-memory", *out], "--no-memory"),
+                       ([act, "--task", "ca", "--plot", str(tmp_path / "p.png"), *out], "--plot")):
         result = runner.invoke(app, ["eval", *args], env={"COLUMNS": "400"})
         assert result.exit_code == 2 and hint in result.output, (args, result.output)
         assert result.exception is None or isinstance(result.exception, SystemExit)
@@ -313,3 +316,31 @@ def test_ca_training_refuses_a_segment_size_it_would_ignore_and_a_text_model(tmp
                                "--init", str(DEFAULT_MODEL_DIR)], env=env)
     assert text.exit_code == 2 and "--init" in text.output and "not a cellular-automata model" in text.output
     assert not (tmp_path / "a").exists() and not (tmp_path / "b" / "model").exists()
+
+
+@pytest.fixture()
+def plain_hf_dir(tmp_path):
+    """A plain HF LLaMA directory (no armt_config.json) with its tokenizer.json, as `--init` takes it."""
+    from model.training import default_tokenizer, new_model
+
+    tokenizer = default_tokenizer(400)
+    hf = new_model(tokenizer, layers=2, hidden=32, heads=2, ffn=64, num_mem_tokens=4, d_mem=8, segment_size=32)
+    hf.base.hf.save_pretrained(tmp_path / "hf")
+    tokenizer.save(str(tmp_path / "hf" / "tokenizer.json"))
+    return tmp_path / "hf"
+
+
+def test_train_refuses_options_that_would_do_nothing_and_gives_a_plain_base_act(tmp_path, plain_hf_dir):
+    """--ask-past outside remember and the ACT knobs without --act were ignored; --act with --init of a plain HF
+    base was dropped (the run trained a model without ACT)."""
+    runner, env = CliRunner(), {"COLUMNS": "400"}
+    for args, hint in ((["--ask-past", "0.5"], "--ask-past"), (["--max-hop", "6"], "--max-hop"),
+                       (["--act-fixed"], "--act-fixed")):
+        result = runner.invoke(app, ["train", "--out", str(tmp_path / "x"), *TINY_TEXT, *args], env=env)
+        assert result.exit_code == 2 and hint in result.output, (args, result.output)
+    assert not (tmp_path / "x").exists()
+    act = runner.invoke(app, ["train", "--out", str(tmp_path / "act"), "--init", str(plain_hf_dir), "--act",
+                              "--max-hop", "3", "--stages", "0", *TINY_TEXT])
+    assert act.exit_code == 0, act.output
+    saved = json.loads((tmp_path / "act" / "model" / "armt_config.json").read_text())
+    assert saved["act"] is True and saved["max_hop"] == 3

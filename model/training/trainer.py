@@ -134,6 +134,7 @@ class Trainer:
             extra = aux_batch(self.codec, self.rng, cfg.aux_batch_size, self.S, cfg.copy_batch_size)
             aux = losses(self.model, self.probe, extra, self.probe is not None)
             loss = loss + aux["answer"] + cfg.probe_weight * aux.get("probe", 0.0)
+            loss = loss + cfg.ponder_tau * aux.get("ponder", 0.0)  # an ACT model ponders over these samples too
             tokens += extra.tokens
         for group in self.opt.param_groups:
             group["lr"] = self.lr_at(st.step)
