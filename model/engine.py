@@ -63,6 +63,9 @@ class ArmtEngineMixin:
                              f"needs {shape} and {shape[:2]}")
         if state.pending and not 0 <= min(state.pending) <= max(state.pending) < self.base.vocab_size:
             raise ValueError(f"memory state's pending tokens are outside the vocabulary [0, {self.base.vocab_size})")
+        if len(state.pending) >= self.config.segment_size:  # ingest writes every whole segment; never made here
+            raise ValueError(f"memory state has {len(state.pending)} pending tokens; a state holds fewer than one "
+                             f"segment ({self.config.segment_size}) unwritten")
 
     def _executor(self, name: str):
         """The executor by name; ACT models always run the sequential order (per-token hop counts differ by layer,
@@ -101,7 +104,8 @@ class ArmtEngineMixin:
         first = torch.ones(B, dtype=torch.bool, device=self.device)
         logits, A, z = run(self, ids, A, z, first, True, act)
         n_segments = -(-T // self.config.segment_size)
-        states = [MemoryState(A[b], z[b], self.fingerprint, [], n_segments, T) for b in range(B)]
+        # each row's memory copied out of the batch tensor: a view would keep all B rows alive with every state
+        states = [MemoryState(A[b].clone(), z[b].clone(), self.fingerprint, [], n_segments, T) for b in range(B)]
         return logits, (states[0] if B == 1 else states)
 
     @torch.no_grad()
@@ -141,8 +145,8 @@ class ArmtEngineMixin:
         _, A, z = run_streams(self, streams, max_lanes=lanes) if streams else (None, None, None)
         results, k = [], 0
         for state, tokens, n_write in plans:
-            if n_write:
-                results.append(self._advanced(state, tokens, n_write, A[k], z[k]))
+            if n_write:  # copied out of the pipeline's [N, L, ...] tensor (a view kept all N sessions' memory)
+                results.append(self._advanced(state, tokens, n_write, A[k].clone(), z[k].clone()))
                 k += 1
             else:
                 results.append(self._advanced(state, tokens, 0, state.A.clone(), state.z.clone()))

@@ -85,11 +85,11 @@ def decode_final_segment(
         yield from decode_act(model, final_ids, A, z, first, params, act, generator)
         return
     cache = model.base.new_cache()
-    x, positions, _ = model.segment_inputs(final_ids, with_memory=False)  # [1, n', d], [1, n']
-    next_pos = positions.shape[1]
     # never yield inside no_grad: grad mode is per thread, and a caller holding a half-read iterator would find
     # gradients switched off in its own code until the iterator ends
     with torch.no_grad():
+        x, positions, _ = model.segment_inputs(final_ids, with_memory=False)  # [1, n', d], [1, n']
+        next_pos = positions.shape[1]
         h, _, _ = model.run_layers(x, positions, A, z, first, write=False, cache=cache)
         logits = model.base.head(h[:, -1:])  # [1, 1, V]
     for step in range(params.max_new_tokens):

@@ -159,6 +159,7 @@ def test_a_memory_that_overflowed_round_trips(model, tmp_path):
 @pytest.mark.parametrize("change,match", [
     ({"A": torch.zeros(2, 6, 8), "z": torch.zeros(2, 6)}, "this model needs"),
     ({"pending": torch.tensor([5000])}, "outside the vocabulary"),
+    ({"pending": torch.arange(1, 11)}, "10 pending tokens"),  # a whole segment unwritten: generate crashed on it
 ])
 def test_a_state_that_does_not_fit_the_model_is_refused(model, tmp_path, change, match):
     state = MemoryState.load(_tampered(model, tmp_path, **change), fingerprint=model.fingerprint)
@@ -284,3 +285,15 @@ def test_a_prompt_of_its_own_segment_is_answered_as_if_the_tail_were_written_fir
     assert list(model.generate(state, prompt, own_segment=True, **kw)) == want
     official = list(model.generate(state, prompt, **kw))
     assert official == list(model.generate(model.ingest(state, prompt[:3]), prompt[3:], **kw))
+
+
+def test_states_of_a_batch_own_their_memory(model):
+    """forward_long over B rows and ingest_many over N sessions hand out one state per row; a view into the batch
+    tensor kept all B (N) memories alive with each state the service caches."""
+    def owned(state):
+        return state.A.untyped_storage().nbytes() == state.A.nbytes and state.z.untyped_storage().nbytes() == \
+            state.z.nbytes
+
+    _, states = model.forward_long(torch.tensor([_doc(25, seed) for seed in range(3)]))
+    many = model.ingest_many([model.new_state() for _ in range(3)], [_doc(25, seed) for seed in range(3)])
+    assert all(owned(s) for s in states + many)
