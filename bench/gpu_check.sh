@@ -4,7 +4,7 @@
 # image has torch 2.11 and typer but transformers 5.17 (this project needs >= 5.20), so first, here:
 #     bash bench/gpu_wheels.sh                                  (the transformers wheel into .whl/, git-ignored)
 #     run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=450)
-#                                                   -> $OUT/gpu.log, $OUT/llama-1b.json, $OUT/small.json
+#                                   -> $OUT/gpu.log, $OUT/llama-1b.json and .png, $OUT/small.json and .png
 # 1. the CUDA tests: diagonal on the GPU (fp32, bf16) against the CPU sequential executor; CUDA graphs == eager
 # 2. a Llama-3.2-1B-shaped model (random weights), bf16, segments of 1024 + 128 memory tokens: sequential vs
 #    diagonal vs diagonal with CUDA graphs vs the bare base (full attention), 2 to 128 segments (128k tokens), and
@@ -24,6 +24,9 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
     fi
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+    # without the carried wheel every part fails at create_causal_mask: stop before spending the device time
+    "$PY" -c "import sys, transformers; v = tuple(int(x) for x in transformers.__version__.split('.')[:2]);
+sys.exit(0 if v >= (5, 20) else 'transformers >= 5.20 needed: run bench/gpu_wheels.sh here and carry .whl')" || exit 1
     timeout 90 "$PY" -m pytest -q -p no:cacheprovider -o addopts="" tests/test_diagonal.py tests/test_training.py -k cuda
     timeout 240 "$PY" -m bench.gpu_runs llama-1b "$OUT"  # the runs' settings: bench/gpu_runs.py
     timeout 90 "$PY" -m bench.gpu_runs small "$OUT"

@@ -3,7 +3,8 @@
 
     python3 -m bench.gpu_runs llama-1b runs/gpu    -> runs/gpu/llama-1b.json, .png
     python3 -m bench.gpu_runs small runs/gpu
-    python3 -m bench.gpu_runs small /tmp/x cpu     (a CPU smoke run of the script)
+    python3 -m bench.gpu_runs small /tmp/x cpu     (the script on a CPU: a few minutes; the graphs variant
+                                                    is the plain diagonal path there, graphs need CUDA)
 """
 from __future__ import annotations
 

@@ -19,6 +19,7 @@ import torch
 
 from .armt import ArmtModel
 from .config import ArmtConfig
+from .diagonal import LANES
 from .hf_base import make_config
 
 PRESETS = {
@@ -147,7 +148,8 @@ def measure_sessions(model: ArmtModel, n_sessions: int, n_segments: int, repeats
     for name, flags in variants(compiled, graphs).items():
         fns[f"shared_{name}"] = with_flags(model, fns["shared"], **flags)
     t = timed(fns, model.device, repeats)
-    row = {"sessions": n_sessions, "segments_each": n_segments, "shared_pipeline_s": t["shared"],
+    row = {"sessions": n_sessions, "segments_each": n_segments, "default_lanes": min(n_sessions, LANES.get(
+           model.device.type, 1)), "shared_pipeline_s": t["shared"],
            "one_by_one_diagonal_s": t["one_by_one_diagonal"], "one_by_one_sequential_s": t["one_by_one_sequential"],
            "shared_over_one_by_one_diagonal": t["one_by_one_diagonal"] / t["shared"],
            "shared_over_one_by_one_sequential": t["one_by_one_sequential"] / t["shared"],
@@ -155,6 +157,8 @@ def measure_sessions(model: ArmtModel, n_sessions: int, n_segments: int, repeats
     for name in variants(compiled, graphs):
         row[f"shared_{name}_s"] = t[f"shared_{name}"]
         row[f"shared_{name}_over_one_by_one_sequential"] = t["one_by_one_sequential"] / t[f"shared_{name}"]
+    if model.device.type == "cuda":
+        row.update({f"{name}_cuda_peak_bytes": b for name, b in cuda_peaks(fns, model).items()})
     return row
 
 
@@ -180,11 +184,14 @@ def bf16_drift(preset: str, device, n_segments: int) -> dict:
 def _format_sessions(row: dict) -> str:
     """The sessions result as README "Performance" quotes it (the JSON has every figure)."""
     lanes = ", ".join(f"{n} lane{'s' * (int(n) > 1)} {t * 1e3:.0f} ms" for n, t in row["shared_by_lanes_s"].items())
-    return (f"{row['sessions']} sessions x {row['segments_each']} segments: shared pipeline "
-            f"{row['shared_over_one_by_one_diagonal']:.2f}x over one-by-one diagonal, "
-            f"{row['shared_over_one_by_one_sequential']:.2f}x over one-by-one sequential "
-            f"({row['shared_pipeline_s'] * 1e3:.0f} ms, {row['one_by_one_diagonal_s'] * 1e3:.0f} ms, "
-            f"{row['one_by_one_sequential_s'] * 1e3:.0f} ms); by lanes: {lanes}")
+    extra = "".join(f" ({name} {row[f'shared_{name}_over_one_by_one_sequential']:.2f}x)"
+                    for name in ("compiled", "graphs") if f"shared_{name}_s" in row)
+    return (f"{row['sessions']} sessions x {row['segments_each']} segments: shared pipeline ({row['default_lanes']} "
+            f"lanes) {row['shared_over_one_by_one_diagonal']:.2f}x over one-by-one diagonal, "
+            f"{row['shared_over_one_by_one_sequential']:.2f}x over one-by-one sequential{extra}\n"
+            f"  shared {row['shared_pipeline_s'] * 1e3:.0f} ms, one-by-one diagonal "
+            f"{row['one_by_one_diagonal_s'] * 1e3:.0f} ms, one-by-one sequential "
+            f"{row['one_by_one_sequential_s'] * 1e3:.0f} ms; by lanes: {lanes}")
 
 
 def cuda_peaks(fns: dict, model: ArmtModel | None = None) -> dict:
@@ -237,29 +244,41 @@ def run(preset: str, segments: list[int], opts: Options = Options(), dtype=torch
                                                    "d_mem"), PRESETS[preset])),
               "dtype": str(dtype), "device": str(device), "machine": machine(device), "torch": torch.__version__,
               "state_bytes": model.new_state().nbytes, "lengths": [], "threads": torch.get_num_threads()}
-    for n in segments:
+    for n in segments:  # the JSON is rewritten after each part: a time limit or a late failure keeps the rest
         with_base = n * model.config.segment_size <= opts.base_max_tokens
         row = measure_length(model, n, opts.repeats, with_base, opts.compiled, opts.graphs)
         result["lengths"].append(row)
         print(_format_row(row), flush=True)
+        _write(result, out, device)
     if opts.sessions:
         result["sessions"] = measure_sessions(model, opts.sessions, opts.session_segments, opts.repeats,
                                               opts.compiled, opts.graphs)
         print(_format_sessions(result["sessions"]), flush=True)
-    result.update(peak_memory(device))
+        _write(result, out, device)
+    if plot:
+        draw(result, plot)
     if opts.drift_segments:
         del model
-        result["bf16_drift"] = bf16_drift(preset, device, opts.drift_segments)
-        d = result["bf16_drift"]
-        print(f"bf16 diagonal vs fp32 sequential, {d['segments']} segments: largest logit difference "
-              f"{d['logits_relative']:.1%} of the largest logit, same top token at {d['top1_agreement']:.1%} of "
-              f"positions, memory A {d['memory_A_relative']:.1%} apart", flush=True)
+        try:  # rebuilds the model in fp32: on a large preset the likeliest part to run out of memory or time
+            result["bf16_drift"] = d = bf16_drift(preset, device, opts.drift_segments)
+        except (RuntimeError, MemoryError) as e:
+            result["bf16_drift"] = {"error": f"{type(e).__name__}: {e}"[:500]}
+            print(f"bf16 drift not measured: {result['bf16_drift']['error']}", flush=True)
+        else:
+            print(f"bf16 diagonal vs fp32 sequential, {d['segments']} segment{'s' * (d['segments'] != 1)}: largest "
+                  f"logit difference {d['logits_relative']:.1%} of the largest logit, same top token at "
+                  f"{d['top1_agreement']:.1%} of positions, memory A {d['memory_A_relative']:.1%} apart", flush=True)
+        _write(result, out, device, peaks=False)  # the peaks stay those of the measured paths
+    return result
+
+
+def _write(result: dict, out: Path | None, device, peaks: bool = True) -> None:
+    """The result so far as JSON, with the process's memory peaks up to now."""
+    if peaks:
+        result.update(peak_memory(device))
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2))
-    if plot:
-        draw(result, plot)
-    return result
 
 
 def _format_row(row: dict) -> str:

@@ -344,3 +344,21 @@ def test_train_refuses_options_that_would_do_nothing_and_gives_a_plain_base_act(
     assert act.exit_code == 0, act.output
     saved = json.loads((tmp_path / "act" / "model" / "armt_config.json").read_text())
     assert saved["act"] is True and saved["max_hop"] == 3
+
+
+def test_bench_keeps_what_it_measured_when_the_drift_check_fails(tmp_path, monkeypatch, capsys):
+    """The JSON is written after each part: on the one-shot GPU run the fp32 rebuild for the drift check is the
+    likeliest to fail, and it used to take every measured length with it."""
+    from model import bench
+
+    def out_of_memory(*args):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(bench, "bf16_drift", out_of_memory)
+    out = tmp_path / "b.json"
+    bench.run("small", [1], bench.Options(sessions=2, session_segments=1, repeats=1, drift_segments=1), out=out)
+    data = json.loads(out.read_text())
+    assert data["lengths"][0]["segments"] == 1 and data["sessions"]["default_lanes"] == 2
+    assert data["bf16_drift"] == {"error": "RuntimeError: CUDA out of memory"} and data["peak_rss_bytes"] > 0
+    printed = capsys.readouterr().out
+    assert "shared pipeline (2 lanes)" in printed and "bf16 drift not measured: RuntimeError" in printed
