@@ -89,7 +89,7 @@ def _qa_row(m, codec, task: str, n: int, k: int, label: str, **options) -> dict:
 
 def _refuse_text_options(**given) -> None:
     """Options of the text tasks given with --task ca did nothing (the CA evaluation has its own test rules and no
-    document lengths): refused, as the ACT options are for the text tasks."""
+    document lengths): refused, as the ACT options are refused for the text tasks."""
     for name, value in given.items():
         if value != option_default(evaluate, name):
             hint = "--no-memory" if name == "memory" else f"--{name.replace('_', '-')}"

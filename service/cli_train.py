@@ -43,8 +43,8 @@ def train(
                                                   "its memory to the next step, up to N segments long (0: off)"),
     layers: int = 4, hidden: int = 128, heads: int = 4, ffn: int = 512,
     num_mem_tokens: int = 16, d_mem: int = 32,
-    segment_size: int = typer.Option(None, help="tokens per segment of a new memory: 64 for the text tasks; task ca: "
-                                                "21 (one state), plain arch: the whole sample"),
+    segment_size: int = typer.Option(None, help="tokens per segment of a new memory: 64 for the text tasks (default); "
+                                                "task ca with --init of a plain HF base (default 21, one state)"),
     vocab: int = 3000,
     seed: int = 0,
     resume: bool = typer.Option(False, help="continue OUT/checkpoint exactly"),
@@ -55,8 +55,10 @@ def train(
     ca_k: int = typer.Option(None, help="task ca: predict the state k steps ahead, 1..4 (os: default 1; shift: "
                                         "default a random k per sample; oo predicts the next four states)"),
     ca_variant: str = typer.Option("os", help="task ca: os | oo | shift"),
-    ca_context: bool = typer.Option(False, help="task ca: also score the given states s1..s9 in training"),
-    act: bool = typer.Option(False, help="adaptive computation time in every layer (new models)"),
+    ca_context: bool = typer.Option(False, help="task ca: also train on the given states s1..s9 (the logged accuracy stays the "
+                                                "target's)"),
+    act: bool = typer.Option(False, help="adaptive computation time in every layer (a new model, or new memory on a plain "
+                                        "HF base given to --init)"),
     max_hop: int = typer.Option(4, help="ACT: most hops per layer"),
     act_fixed: bool = typer.Option(False, help="ACT: always run max_hop hops (fixed computation)"),
     ponder_tau: float = typer.Option(1e-3, help="ACT: weight of the ponder cost"),
@@ -91,7 +93,7 @@ def _trainer(o: dict):
     try:
         trainer.check_batches()
     except ValueError as e:  # e.g. remember with more questions than a segment holds
-        raise typer.BadParameter(str(e), param_hint="--questions / --stages") from e
+        raise typer.BadParameter(str(e), param_hint="--questions / --stages / --segment-size") from e
     try:
         resumed = o["resume"] and trainer.load_checkpoint()
     except ValueError as e:  # the checkpoint is of another run: other options or another model shape
@@ -192,12 +194,15 @@ def _check_ca_only(o: dict) -> None:
 def _training_model(o: dict):
     """A fresh CA model, an existing directory (--init), or a fresh QA model with the default tokenizer."""
     from model import ArmtConfig
+    from model.config import is_armt_directory
     from model.training import default_tokenizer, load_for_training, new_model
     from model.training.reasoning import check_fits, new_ca_model
 
     shape = {k: o[k] for k in ("layers", "hidden", "heads", "ffn", "num_mem_tokens", "d_mem", "act", "max_hop",
                                "act_fixed")}
     init, task = o["init"], o["task"]
+    if init is not None and o["act"] and is_armt_directory(init):  # its armt_config.json decides, as for the shape
+        raise typer.BadParameter(f"{init} is an ARMT model: it keeps its own ACT setting", param_hint="--act")
     if init is not None:  # an ARMT trained before (CA ones have no tokenizer), or a plain HF base + fresh memory
         armt = ArmtConfig(num_mem_tokens=0 if task == "ca" and o["arch"] == "plain" else o["num_mem_tokens"],
                           d_mem=o["d_mem"], segment_size=_segment_size(o), armt_version=2, act=o["act"],

@@ -154,8 +154,8 @@ def ingest_file(client: ArmtClient, path: str | Path, session_id: str, chunk_byt
     """Upload a file to a session from the server's current offset, chunk by chunk; resumable.
 
     The server's offset is the truth: after a 409, a dropped connection or a restart, the upload continues from
-    the offset the server acknowledged (the file is seeked there). Connection errors, 429 and 503 are retried
-    with exponential backoff (honouring Retry-After); `progress(done_bytes, total_bytes)` after every chunk.
+    the offset the server acknowledged (the file is seeked there). Connection errors, 429, 502, 503 and 504 are
+    retried with exponential backoff (honouring Retry-After); `progress(done_bytes, total_bytes)` after every chunk.
     """
     if chunk_bytes < 1:
         raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")

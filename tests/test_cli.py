@@ -339,6 +339,9 @@ def test_train_refuses_options_that_would_do_nothing_and_gives_a_plain_base_act(
         result = runner.invoke(app, ["train", "--out", str(tmp_path / "x"), *TINY_TEXT, *args], env=env)
         assert result.exit_code == 2 and hint in result.output, (args, result.output)
     assert not (tmp_path / "x").exists()
+    kept = runner.invoke(app, ["train", "--out", str(tmp_path / "y"), "--init", str(DEFAULT_MODEL_DIR), "--act",
+                               *TINY_TEXT], env=env)
+    assert kept.exit_code == 2 and "keeps its own ACT setting" in kept.output, kept.output
     act = runner.invoke(app, ["train", "--out", str(tmp_path / "act"), "--init", str(plain_hf_dir), "--act",
                               "--max-hop", "3", "--stages", "0", *TINY_TEXT])
     assert act.exit_code == 0, act.output

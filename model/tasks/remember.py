@@ -79,7 +79,7 @@ def key_gap_value(codec: Codec, rng: random.Random, n_tokens: int) -> Sample:
     """One-segment auxiliary sample; probes at every value name its key."""
     if n_tokens < KGV_MIN_TOKENS:
         raise ValueError(f"a key-gap-value sample needs segments of at least {KGV_MIN_TOKENS} tokens, got {n_tokens} "
-                         "(or turn the auxiliary batch off: aux_batch_size 0)")
+                         "(or train without the auxiliary batch)")
     keys = [codec.word(p) for p in PEOPLE]
     values = [codec.word(p) for p in PLACES]
     filler_hi = codec.tokenizer.get_vocab_size()

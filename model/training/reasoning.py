@@ -19,7 +19,7 @@ from .evaluate import wilson
 
 def ca_batch(rng: random.Random, batch_size: int, k: int | None, variant: str, split: str = "train",
              context: bool = False) -> Batch:
-    """context: also score the given states (training's --ca-context; see ca_sample)."""
+    """context: also train on the given states, scored apart from the target (training's --ca-context)."""
     samples = [ca_sample(rng, split, k, variant, context) for _ in range(batch_size)]
     return collate(samples, PAD, with_probe=False)
 
