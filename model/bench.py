@@ -186,8 +186,9 @@ def _format_sessions(row: dict) -> str:
     lanes = ", ".join(f"{n} lane{'s' * (int(n) > 1)} {t * 1e3:.0f} ms" for n, t in row["shared_by_lanes_s"].items())
     extra = "".join(f" ({name} {row[f'shared_{name}_over_one_by_one_sequential']:.2f}x)"
                     for name in ("compiled", "graphs") if f"shared_{name}_s" in row)
+    lane_word = "lane" + "s" * (row["default_lanes"] != 1)
     return (f"{row['sessions']} sessions x {row['segments_each']} segments: shared pipeline ({row['default_lanes']} "
-            f"lane{'s' * (row['default_lanes'] != 1)}) {row['shared_over_one_by_one_diagonal']:.2f}x over one-by-one diagonal, "
+            f"{lane_word}) {row['shared_over_one_by_one_diagonal']:.2f}x over one-by-one diagonal, "
             f"{row['shared_over_one_by_one_sequential']:.2f}x over one-by-one sequential{extra}\n"
             f"  shared {row['shared_pipeline_s'] * 1e3:.0f} ms, one-by-one diagonal "
             f"{row['one_by_one_diagonal_s'] * 1e3:.0f} ms, one-by-one sequential "

@@ -55,10 +55,10 @@ def train(
     ca_k: int = typer.Option(None, help="task ca: predict the state k steps ahead, 1..4 (os: default 1; shift: "
                                         "default a random k per sample; oo predicts the next four states)"),
     ca_variant: str = typer.Option("os", help="task ca: os | oo | shift"),
-    ca_context: bool = typer.Option(False, help="task ca: also train on the given states s1..s9 (the logged accuracy stays the "
-                                                "target's)"),
-    act: bool = typer.Option(False, help="adaptive computation time in every layer (a new model, or new memory on a plain "
-                                        "HF base given to --init)"),
+    ca_context: bool = typer.Option(False, help="task ca: also train on the given states s1..s9 (the logged "
+                                                "accuracy stays the target's)"),
+    act: bool = typer.Option(False, help="adaptive computation time in every layer (a new model, or new memory "
+                                        "on a plain HF base given to --init)"),
     max_hop: int = typer.Option(4, help="ACT: most hops per layer"),
     act_fixed: bool = typer.Option(False, help="ACT: always run max_hop hops (fixed computation)"),
     ponder_tau: float = typer.Option(1e-3, help="ACT: weight of the ponder cost"),
