@@ -68,12 +68,15 @@ def timed(fns: dict, device, repeats: int) -> dict:
     """Median seconds of each of `fns` (name -> callable) over `repeats` rounds, after one warm-up each.
 
     Each round runs every callable once, in turn, so that a drift of the machine's speed (10-20% between runs on a
-    shared 2-core VM) falls on all of them alike instead of on whichever ran last."""
+    shared 2-core VM) falls on all of them alike instead of on whichever ran last; each round starts one path
+    later than the one before, so that no path always follows the same one (a large path's allocations, say)."""
     for fn in fns.values():
         fn()
     times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    names = list(fns)
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            fn = fns[name]
             _sync(device)
             start = time.perf_counter()
             fn()

@@ -365,3 +365,12 @@ def test_bench_keeps_what_it_measured_when_the_drift_check_fails(tmp_path, monke
     assert data["bf16_drift"] == {"error": "RuntimeError: CUDA out of memory"} and data["peak_rss_bytes"] > 0
     printed = capsys.readouterr().out
     assert "shared pipeline (2 lanes)" in printed and "bf16 drift not measured: RuntimeError" in printed
+
+
+def test_bench_rounds_rotate_which_path_runs_first():
+    """Each round starts one path later, so that no path always runs right after the same one."""
+    from model.bench import timed
+
+    calls = []
+    timed({name: (lambda name=name: calls.append(name)) for name in "abc"}, "cpu", repeats=3)
+    assert calls == list("abc") + list("abc") + list("bca") + list("cab")  # the warm-ups, then three rounds
