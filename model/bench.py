@@ -19,7 +19,7 @@ import torch
 
 from .armt import ArmtModel
 from .config import ArmtConfig
-from .diagonal import LANES
+from .diagonal import lane_count
 from .hf_base import make_config
 
 PRESETS = {
@@ -151,8 +151,8 @@ def measure_sessions(model: ArmtModel, n_sessions: int, n_segments: int, repeats
     for name, flags in variants(compiled, graphs).items():
         fns[f"shared_{name}"] = with_flags(model, fns["shared"], **flags)
     t = timed(fns, model.device, repeats)
-    row = {"sessions": n_sessions, "segments_each": n_segments, "default_lanes": min(n_sessions, LANES.get(
-           model.device.type, 1)), "shared_pipeline_s": t["shared"],
+    row = {"sessions": n_sessions, "segments_each": n_segments, "default_lanes": lane_count(model.device, n_sessions),
+           "shared_pipeline_s": t["shared"],
            "one_by_one_diagonal_s": t["one_by_one_diagonal"], "one_by_one_sequential_s": t["one_by_one_sequential"],
            "shared_over_one_by_one_diagonal": t["one_by_one_diagonal"] / t["shared"],
            "shared_over_one_by_one_sequential": t["one_by_one_sequential"] / t["shared"],

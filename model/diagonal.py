@@ -33,6 +33,12 @@ from .stacked import rotary
 # preset is within 10% for 1 to 8 (README "Performance"). On a GPU, lanes are what fills the device (the activation
 # buffer is L x lanes x T' x d); that default is not measured yet.
 LANES = {"cpu": 4, "cuda": 16}
+
+
+def lane_count(device: torch.device, n_streams: int, max_lanes: int | None = None) -> int:
+    """How many sessions run side by side: max_lanes (default: LANES of the device type), at most one per stream."""
+    return max(1, min(max_lanes or LANES.get(device.type, 1), n_streams))
+
 # Segments of a lane whose layer-0 inputs (embedding, sink and memory rows) are built in one call: per segment, the
 # handful of small ops cost ~0.18 ms of a ~4 ms step on the small preset (2-core CPU).
 PREFETCH = 16
@@ -72,8 +78,7 @@ class DiagonalPipeline:
                              "differently; use executor='sequential'")
         if dev.type == "cpu":
             keep_freed_heap()  # its temporaries would otherwise be page-faulted in again every step (model/heap.py)
-        max_lanes = max_lanes or LANES.get(dev.type, 1)
-        self.lanes = self._lanes(max(1, min(max_lanes, len(streams))))  # per lane: its entries in order
+        self.lanes = self._lanes(lane_count(dev, len(streams), max_lanes))  # per lane: its entries in order
         self.stacked = model.stacked_blocks()
         self.ops = kernels(model.compiled_kernels)
         self.W_write, self.b_write = model.fused_write()  # [L, d, d_mem + d + 1], [L, d_mem + d + 1]

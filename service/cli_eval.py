@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from service.cli_options import CHOICES, TASKS, check_ca_k, check_output_file, int_list, option_default
+from service.cli_options import CHOICES, TASKS, check_ca_k, check_output_file, int_list, refuse_given
 
 
 def evaluate(
@@ -51,15 +51,15 @@ def evaluate(
     for hint, path in (("--out", out), ("--plot", plot)):  # before the evaluation, whose results they would lose
         check_output_file(path, hint)
     if task == "ca":
-        _refuse_text_options(segments=segments, long_samples=long_samples, split=split, batch_size=batch_size,
-                             plot=plot, executor=executor, memory=memory)
+        # the CA evaluation has its own test rules and no document lengths
+        refuse_given(evaluate, "applies to the text tasks, not --task ca", segments=segments,
+                     long_samples=long_samples, split=split, batch_size=batch_size, plot=plot, executor=executor,
+                     memory=memory)
         _eval_ca(model_dir, _ca_ks(model_dir, ca_k, ca_variant), ca_variant, samples, seed, out,
                  max_hop=max_hop, act_threshold=act_threshold, act_fixed=act_fixed)
         return
-    for hint, value in (("--max-hop", max_hop.strip() or None), ("--act-threshold", act_threshold),
-                        ("--act-fixed", act_fixed)):
-        if value is not None:
-            raise typer.BadParameter("applies to --task ca only", param_hint=hint)
+    refuse_given(evaluate, "applies to --task ca only", max_hop=max_hop, act_threshold=act_threshold,
+                 act_fixed=act_fixed)
     m = _load(model_dir or default_model_path())
     if m.tokenizer is None:
         _fail("the model has no tokenizer.json")
@@ -85,15 +85,6 @@ def _qa_row(m, codec, task: str, n: int, k: int, label: str, **options) -> dict:
     typer.echo(f"{label} {n:5d} seg {row['tokens']:8d} tok  exact match {row['accuracy']:.3f} "
                f"[{row['ci95'][0]:.3f}, {row['ci95'][1]:.3f}]  n={row['samples']}  {row['seconds']}s")
     return row
-
-
-def _refuse_text_options(**given) -> None:
-    """Options of the text tasks given with --task ca did nothing (the CA evaluation has its own test rules and no
-    document lengths): refused, as the ACT options are refused for the text tasks."""
-    for name, value in given.items():
-        if value != option_default(evaluate, name):
-            hint = "--no-memory" if name == "memory" else f"--{name.replace('_', '-')}"
-            raise typer.BadParameter("applies to the text tasks, not --task ca", param_hint=hint)
 
 
 def _check_eval_options(task: str, segments: str, samples: int, long_samples: int, split: str,

@@ -10,11 +10,16 @@ TASKS = ("qa1", "qa2", "remember", "ca")
 CHOICES = {"arch": ("armt", "plain"), "ca_variant": ("os", "oo", "shift")}
 
 
-def option_default(command, name: str):
-    """The default of a command's option as its signature declares it (a typer.Option's, or the plain value), so
-    that checks for 'given or not' never repeat a default that may change."""
-    value = inspect.signature(command).parameters[name].default
-    return getattr(value, "default", value)
+def refuse_given(command, message: str, **values) -> None:
+    """BadParameter(message) for the first of `values` (option name -> value) that is not the command's declared
+    default: an option that would do nothing in this run is refused rather than ignored. The defaults are read
+    from the command's signature (a typer.Option's, or the plain value), never repeated here."""
+    for name, value in values.items():
+        declared = inspect.signature(command).parameters[name].default
+        default = getattr(declared, "default", declared)
+        if value != default:
+            flag = name.replace("_", "-")
+            raise typer.BadParameter(message, param_hint=f"--no-{flag}" if default is True else f"--{flag}")
 
 
 def check_device(device: str) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from service.cli_options import CHOICES, TASKS, check_ca_k, check_device, int_list, option_default
+from service.cli_options import CHOICES, TASKS, check_ca_k, check_device, int_list, refuse_given
 
 
 def train(
@@ -152,11 +152,10 @@ def _check_train_options(o: dict) -> None:
             raise typer.BadParameter(f"must be >= 1, got {o[name]}", param_hint=f"--{name.replace('_', '-')}")
     _check_numbers(o)
     _check_ca_only(o)
-    if o["ask_past"] and o["task"] != "remember":
-        raise typer.BadParameter("applies to --task remember only", param_hint="--ask-past")
-    for name in ("max_hop", "act_fixed"):
-        if o[name] != option_default(train, name) and not o["act"]:
-            raise typer.BadParameter("applies to a model made with --act", param_hint=f"--{name.replace('_', '-')}")
+    if o["task"] != "remember":
+        refuse_given(train, "applies to --task remember only", ask_past=o["ask_past"])
+    if not o["act"]:
+        refuse_given(train, "applies to a model made with --act", max_hop=o["max_hop"], act_fixed=o["act_fixed"])
     check_device(o["device"])
     for name in ("out", "export"):
         if o[name] is not None and o[name].exists() and not o[name].is_dir():
@@ -186,9 +185,8 @@ def _check_ca_only(o: dict) -> None:
                                      "the whole sample); it applies with --init of a plain HF base",
                                      param_hint="--segment-size")
         return
-    for name, default in (("arch", "armt"), ("ca_variant", "os"), ("ca_k", None), ("ca_context", False)):
-        if o[name] != default:
-            raise typer.BadParameter("applies to --task ca only", param_hint=f"--{name.replace('_', '-')}")
+    refuse_given(train, "applies to --task ca only", arch=o["arch"], ca_variant=o["ca_variant"], ca_k=o["ca_k"],
+                 ca_context=o["ca_context"])
 
 
 def _training_model(o: dict):
