@@ -39,6 +39,25 @@ def test_diagonal_equals_sequential(kind, tmp_path, n_segments):
         assert (a.segments, a.tokens) == (b.segments, b.tokens)
 
 
+def test_llama_with_biases(tmp_path):
+    """Biases on every projection (attention_bias, mlp_bias; random, not HF's zeros): the stacked blocks add each
+    one where the HF layers do."""
+    ref = build_reference("llama", segment_size=10, value_std=0.05, num_hidden_layers=L, attention_bias=True,
+                          mlp_bias=True)
+    with torch.no_grad():
+        biases = [p for name, p in ref.named_parameters() if name.endswith(".bias")]
+        assert len(biases) >= 7 * L  # q, k, v, o, gate, up, down in every block
+        for p in biases:
+            p.normal_(0, 0.2)
+    model = ArmtModel.from_pretrained(write_official(ref, tmp_path))
+    ids = torch.randint(0, VOCAB, (1, 10 * (L + 1) - 3), generator=torch.Generator().manual_seed(5))
+    seq_logits, seq_state = model.forward_long(ids, executor="sequential")
+    diag_logits, diag_state = model.forward_long(ids, executor="diagonal")
+    _close(diag_logits, seq_logits)
+    _close(diag_state.A, seq_state.A)
+    _close(diag_state.z, seq_state.z)
+
+
 def test_one_lane_of_documents_with_short_last_segments(kind, tmp_path):
     """Streams back to back in one lane, each ending in a short segment, the first longer than the pipeline's
     layer-0 prefetch (model/diagonal.py PREFETCH): logits and memory equal each document's sequential run."""
