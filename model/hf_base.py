@@ -169,7 +169,7 @@ class BaseAdapter(nn.Module):
     def stacked_weights(self) -> dict:
         """Every block's weights stacked over layers as [L, in, out] (plus norms and biases) for batched matmuls.
 
-        Names follow the block math in model/stacked.py; q/k/v and gate/up are fused into one matmul each.
+        Names follow the block math in model/stacked.py; q/k/v are fused into one matmul (GPT-2's c_attn already is).
         """
         from .stacked import stack_gpt2, stack_llama
 
