@@ -20,7 +20,7 @@ from .memory import associative_read, delta_write
 
 
 class ArmtModel(ArmtEngineMixin, nn.Module):
-    compiled_kernels: bool = False  # True: the diagonal executor runs torch.compile'd kernels (model/kernels.py)
+    compiled_kernels: bool = False  # True: the diagonal executor runs each step as a torch.compile'd graph (kernels.py)
     cuda_graphs: bool = False  # True (CUDA only): the diagonal executor replays its block steps from CUDA graphs
 
     def __init__(self, base: BaseAdapter, config: ArmtConfig, fingerprint: str = "untrained"):

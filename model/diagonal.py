@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from .heap import keep_freed_heap
-from .kernels import kernels
+from .kernels import StepInputs, StepShape, step_function
 from .sequential import split_segments
 from .stacked import rotary
 
@@ -80,9 +80,9 @@ class DiagonalPipeline:
             keep_freed_heap()  # its temporaries would otherwise be page-faulted in again every step (model/heap.py)
         self.lanes = self._lanes(lane_count(dev, len(streams), max_lanes))  # per lane: its entries in order
         self.stacked = model.stacked_blocks()
-        self.ops = kernels(model.compiled_kernels)
+        self.step = step_function(model.compiled_kernels)
         self.W_write, self.b_write = model.fused_write()  # [L, d, d_mem + d + 1], [L, d_mem + d + 1]
-        self.write_split = [model.W_mk.shape[1], model.W_mv.shape[1], 1]
+        self.write_split = (model.W_mk.shape[1], model.W_mv.shape[1], 1)
         self.W_qT = model.read_query()  # [L, d, d_mem]
         L, P, d = model.n_layers, len(self.lanes), model.base.d_model
         # results, and the memory each (layer, lane) slot is working on (loaded when a session's segment arrives)
@@ -91,14 +91,14 @@ class DiagonalPipeline:
         self.A_slot = self.A.new_zeros(L, P, *self.A.shape[2:])  # [L, P, d_key, d]
         self.z_slot = self.z.new_zeros(L, P, self.z.shape[-1])  # [L, P, d_key]
         self.H = torch.zeros(L, P, self.width, d, device=dev, dtype=model.dtype)  # slot l: input to layer l
+        self.rope = pipeline_rope(model, P, self.width)
+        self.blocks = None  # the stacked blocks, or (h, lo, hi, T') replayed from captured CUDA graphs:
         if model.cuda_graphs and dev.type == "cuda":
-            self.blocks = model.block_graphs(P, self.width)  # (h, lo, hi, T') from captured CUDA graphs
-        else:
-            rope = pipeline_rope(model, P, self.width)
-            self.blocks = lambda h, lo, hi, T: self.ops.blocks(self.stacked, h, lo, hi, rope, T)  # noqa: E731
+            self.blocks = model.block_graphs(P, self.width)
+            self.step = step_function(False)  # the graphs replace the blocks, which a compiled step would trace
         self.logits = [[] for _ in streams]
         self.ready: list[tuple[int, torch.Tensor] | None] = [None] * P  # per lane: (first entry, inputs [k, T', d])
-        self.masks: dict[tuple[bool, ...], torch.Tensor] = {}  # blank-cell pattern -> [G*P] bool on the device
+        self.device_copies: dict[tuple, torch.Tensor] = {}  # see _on_device
         self.views: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # (lo, hi) -> see _views
 
     def _lanes(self, n_lanes: int) -> list[list[Entry]]:
@@ -172,23 +172,14 @@ class DiagonalPipeline:
         # segment, or an idle lane slot, which also writes as if first so that its stale memory stays inert)
         blank = tuple(e is None or e.first for e in flat)
         n_blank = sum(blank)
-        first = self._mask(blank) if n_blank else None  # [G*P] bool
         views = self._views(lo, hi)
-        A, z, h = views["A"], views["z"], views["H"]
-        if n_blank < len(flat):  # some cell reads
-            q = self.ops.feature_map(torch.bmm(h, views["W_q"]), cfg.normalize_phi)  # [G, P*T', d_key]
-            y = self.ops.lookup(q.view(G * P, T, -1), A, z).to(h.dtype)  # [G*P, T', d]
-            if first is not None:
-                y = y * (~first).to(h.dtype).view(-1, 1, 1)
-            h = h + y.view(G, P * T, -1)
-        h = self.blocks(h, lo, hi, T)  # [G, P*T', d]
+        shape = StepShape(lo, hi, P, T, self.M, self.write_split, cfg.normalize_phi, cfg.correction,
+                          reads=n_blank < len(flat))
+        first = self._on_device(("first", blank), lambda: torch.tensor(blank)) if n_blank else None  # [G*P]
+        inputs = StepInputs(views["H"], views["A"], views["z"], views["W_q"], views["W_write"], views["b_write"],
+                            first, self._memory_rows(flat))
+        h, A, z = self.step(shape, inputs, self.stacked, self.rope, self.blocks)  # [G, P*T', d]
         if self.M:
-            mem = self._memory_outputs(flat, h.view(G * P, T, -1))  # [G*P, M, d]
-            kvb = torch.baddbmm(views["b_write"], mem.reshape(G, P * self.M, -1),
-                                views["W_write"])  # [G, P*M, d_mem + d + 1]
-            k, v, beta_logit = kvb.view(G * P, self.M, -1).split(self.write_split, dim=-1)
-            A, z = self.ops.delta_update(k, v, beta_logit, A, z, first, normalize=cfg.normalize_phi,
-                                correction=cfg.correction)
             views["A"].copy_(A)
             views["z"].copy_(z)
         self._move_memories(cells, lo, load=False)
@@ -206,16 +197,17 @@ class DiagonalPipeline:
                 "W_write": self.W_write[lo:hi], "b_write": self.b_write[lo:hi].unsqueeze(1)}
         return self.views[lo, hi]
 
-    def _mask(self, blank: tuple[bool, ...]) -> torch.Tensor:
-        """The device copy of a blank-cell pattern, made once per pattern (a pipeline sees few: filling, session
-        boundaries, idle lanes). On a GPU it goes through pinned memory, asynchronously: a plain copy from pageable
-        memory would wait for every kernel queued so far."""
-        if blank not in self.masks:
-            mask = torch.tensor(blank)  # [G*P] bool
+    def _on_device(self, key: tuple, make) -> torch.Tensor:
+        """The device copy of a small host tensor make(), made once per key (a pipeline sees few blank-cell
+        patterns and memory-row layouts: filling, session boundaries, idle lanes, short segments). On a GPU it goes
+        through pinned memory, asynchronously: a plain copy from pageable memory would wait for every kernel
+        queued so far."""
+        if key not in self.device_copies:
+            t = make()
             if self.model.device.type == "cuda":
-                mask = mask.pin_memory()
-            self.masks[blank] = mask.to(self.model.device, non_blocking=True)
-        return self.masks[blank]
+                t = t.pin_memory()
+            self.device_copies[key] = t.to(self.model.device, non_blocking=True)
+        return self.device_copies[key]
 
     def _move_memories(self, cells: list[list[Entry | None]], lo: int, load: bool) -> None:
         """A session's memory enters its lane slot with its first segment here and leaves with its last: copies at
@@ -232,13 +224,14 @@ class DiagonalPipeline:
                     self.A[e.stream, layer] = self.A_slot[layer, p]
                     self.z[e.stream, layer] = self.z_slot[layer, p]
 
-    def _memory_outputs(self, flat: list[Entry | None], h: torch.Tensor) -> torch.Tensor:
-        """The M memory-token rows of each cell of h [G*P, T', d] -> [G*P, M, d] (idle cells: any rows)."""
+    def _memory_rows(self, flat: list[Entry | None]) -> int | torch.Tensor:
+        """Where each cell's M memory-token rows start: one row for all (full segments, idle cells), else per cell
+        row indices [G*P, M] (a short segment's memory tokens follow its last real token)."""
         full = self.sink + self.model.config.segment_size
         starts = [self.sink + e.end - e.start if e is not None else full for e in flat]
         if len(set(starts)) == 1:
-            return h[:, starts[0] : starts[0] + self.M]
-        return torch.stack([h[g, s : s + self.M] for g, s in enumerate(starts)])
+            return starts[0]
+        return self._on_device(("rows", *starts), lambda: torch.tensor(starts).unsqueeze(1) + torch.arange(self.M))
 
     def _collect_logits(self, entry: Entry, h: torch.Tensor) -> None:
         n = entry.end - entry.start

@@ -1,4 +1,5 @@
-"""The torch.compile'd kernels of the diagonal executor (opt-in) give the eager executor's results."""
+"""The diagonal executor's step compiled whole by torch.compile (opt-in) gives the eager step's results, and a
+second run of the same shapes compiles nothing new."""
 from __future__ import annotations
 
 import random
@@ -6,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from model import ArmtModel
 from tests.conftest import VOCAB, build_reference, write_official
@@ -26,5 +28,8 @@ def test_compiled_diagonal_equals_eager(tmp_path):
     for a, b in zip(compiled, eager):
         _close(a.A, b.A)
         _close(a.z, b.z)
+    graphs = counters["stats"]["unique_graphs"]
+    model.ingest_many(states, docs)  # the same step shapes (first masks, short segments' memory rows included)
+    assert counters["stats"]["unique_graphs"] == graphs
     ids = torch.tensor([docs[0]])
     _close(model.forward_long(ids, executor="diagonal")[0], model.forward_long(ids, executor="sequential")[0])
