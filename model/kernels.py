@@ -2,11 +2,11 @@
 `model.compiled_kernels`).
 
 On a CPU a diagonal step of a small model spends about as long in elementwise work (norms, RoPE, SiLU x up, the DPFP
-feature maps, the delta rule) and in Python between ops as in its matmuls. Compiled as one graph, inductor fuses
-the elementwise work into a few C++ loops around the matmuls and the step runs without the Python in between
-(`python -m bench.compile_ab`, small preset, 64 segments, 2-core CPU: 1.19-1.36x faster than eager in four runs,
-against 1.16x when the read, the blocks and the write were compiled as separate functions). The graph is specialised per StepShape (the
-active layer range, lanes, whether some cell reads, whether the memory rows sit at one offset): a pipeline of L
+feature maps, the delta rule) and in Python between ops as in its matmuls. Compiled as one graph, inductor fuses the
+elementwise work into a few C++ loops around the matmuls and the step runs without the Python in between (`python -m
+bench.compile_ab`, small preset, 64 segments, 2-core CPU: 1.19-1.36x faster than eager in four runs, against 1.16x
+when the read, the blocks and the write were compiled as separate functions). The graph is specialised per StepShape
+(the active layer range, lanes, whether some cell reads, whether the memory rows sit at one offset): a pipeline of L
 layers compiles about 2L graphs on first use (seconds each; inductor caches them on disk for the next process).
 Results match the eager step within float rounding (tests/test_kernels.py).
 """
