@@ -110,8 +110,8 @@ def variants(compiled: bool, graphs: bool) -> dict:
 @torch.no_grad()
 def measure_length(model: ArmtModel, n_segments: int, repeats: int, with_base: bool, compiled: bool = False,
                    graphs: bool = False) -> dict:
-    """One document of n_segments full segments through each path, side by side (+ the diagonal one with compiled
-    kernels or CUDA graphs)."""
+    """One document of n_segments full segments through each path, side by side (+ the diagonal one with its step
+    compiled or CUDA graphs)."""
     T = n_segments * model.config.segment_size
     ids = torch.randint(0, model.base.vocab_size, (1, T), device=model.device)
     ingest = lambda executor: lambda: model.ingest(model.new_state(), ids, executor=executor)  # noqa: E731
@@ -235,7 +235,7 @@ class Options:
     session_segments: int = 4
     repeats: int = 3
     base_max_tokens: int = 40_000  # longest document for the bare full-attention base
-    compiled: bool = False  # also the diagonal executor with torch.compile'd kernels
+    compiled: bool = False  # also the diagonal executor with its step torch.compile'd
     graphs: bool = False  # also the diagonal executor with CUDA graphs (CUDA only)
     drift_segments: int = 8  # bf16 diagonal vs fp32 sequential on a document this long (0: skip)
 

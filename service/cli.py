@@ -166,8 +166,8 @@ def bench_ingest(
     base_max_tokens: int = typer.Option(40_000, help="longest document for the bare full-attention base"),
     device: str = "cpu",
     bf16: bool = typer.Option(False, help="bfloat16 weights (the memory state stays fp32)"),
-    compile: bool = typer.Option(False, "--compile", help="also time the diagonal executor with torch.compile'd "
-                                                         "kernels (model/kernels.py; needs a C++ compiler on CPU)"),
+    compile: bool = typer.Option(False, "--compile", help="also time the diagonal executor with its step "
+                                                         "compiled (model/kernels.py; needs a C++ compiler on CPU)"),
     graphs: bool = typer.Option(False, "--graphs", help="also time the diagonal executor with CUDA graphs "
                                                         "(model/graphs.py; --device cuda only)"),
     drift_segments: int = typer.Option(8, help="record bf16 diagonal vs fp32 sequential on a document this long "
