@@ -2,8 +2,9 @@
 
 The diagonal executor compiles each step whole through its own switch (model/kernels.py, `model.compiled_kernels`);
 for the sequential one this script compiles its per-segment function whole (`segment_forward`: inputs, every
-layer's read, block and write, the head), so that the two compiled runs fuse the same work (a segment's one host
-sync, the count of first segments, splits its graph in two). Same model, same tokens, one process:
+layer's read, block and write, the head), so that both compiled runs fuse their layers' work (the sequential one
+also its segment's embedding, which the diagonal executor builds eagerly, PREFETCH segments at a time; a segment's
+one host sync, the count of first segments, splits its graph in two). Same model, same tokens, one process:
 
     .venv/bin/python -m bench.compile_ab --preset small --segments 64
 """
@@ -26,7 +27,7 @@ def main() -> None:
     # the sequential path compiled: its per-segment function swapped in for a run and back out, so that all four
     # paths are timed in one timed() call (its rounds interleave them)
     compiled_segment = torch.compile(m.segment_forward, dynamic=False)
-    logging.getLogger("torch._dynamo").setLevel(logging.ERROR)  # not the warning about that split, every run
+    logging.getLogger("torch._dynamo.variables.tensor").setLevel(logging.ERROR)  # not that split's warning
 
     def sequential_compiled():
         m.segment_forward = compiled_segment  # an instance attribute shadows the method

@@ -91,11 +91,12 @@ class DiagonalPipeline:
         self.A_slot = self.A.new_zeros(L, P, *self.A.shape[2:])  # [L, P, d_key, d]
         self.z_slot = self.z.new_zeros(L, P, self.z.shape[-1])  # [L, P, d_key]
         self.H = torch.zeros(L, P, self.width, d, device=dev, dtype=model.dtype)  # slot l: input to layer l
-        self.rope = pipeline_rope(model, P, self.width)
-        self.blocks = None  # the stacked blocks, or (h, lo, hi, T') replayed from captured CUDA graphs:
+        self.rope, self.blocks = None, None  # the stacked blocks' rotation, or their CUDA graphs' replay:
         if model.cuda_graphs and dev.type == "cuda":
-            self.blocks = model.block_graphs(P, self.width)
+            self.blocks = model.block_graphs(P, self.width)  # (h, lo, hi, T') -> h'
             self.step = step_function(False)  # the graphs replace the blocks, which a compiled step would trace
+        else:
+            self.rope = pipeline_rope(model, P, self.width)
         self.logits = [[] for _ in streams]
         self.ready: list[tuple[int, torch.Tensor] | None] = [None] * P  # per lane: (first entry, inputs [k, T', d])
         self.device_copies: dict[tuple, torch.Tensor] = {}  # see _on_device
@@ -173,8 +174,8 @@ class DiagonalPipeline:
         blank = tuple(e is None or e.first for e in flat)
         n_blank = sum(blank)
         views = self._views(lo, hi)
-        shape = StepShape(lo, hi, P, T, self.M, self.write_split, cfg.normalize_phi, cfg.correction,
-                          reads=n_blank < len(flat))
+        shape = StepShape(lo, hi, P, T, self.M, self.sink + cfg.segment_size, self.write_split, cfg.normalize_phi,
+                          cfg.correction, reads=n_blank < len(flat))
         first = self._on_device(("first", blank), lambda: torch.tensor(blank)) if n_blank else None  # [G*P]
         inputs = StepInputs(views["H"], views["A"], views["z"], views["W_q"], views["W_write"], views["b_write"],
                             first, self._memory_rows(flat))
@@ -224,13 +225,14 @@ class DiagonalPipeline:
                     self.A[e.stream, layer] = self.A_slot[layer, p]
                     self.z[e.stream, layer] = self.z_slot[layer, p]
 
-    def _memory_rows(self, flat: list[Entry | None]) -> int | torch.Tensor:
-        """Where each cell's M memory-token rows start: one row for all (full segments, idle cells), else per cell
-        row indices [G*P, M] (a short segment's memory tokens follow its last real token)."""
+    def _memory_rows(self, flat: list[Entry | None]) -> torch.Tensor | None:
+        """None when every cell's M memory-token rows follow a full segment (idle cells count as full), else the
+        rows of each cell [G*P, M] (a short segment's memory tokens follow its last real token). Never the short
+        offset as a number: a compiled step would take it as a constant and compile again for every length."""
         full = self.sink + self.model.config.segment_size
         starts = [self.sink + e.end - e.start if e is not None else full for e in flat]
-        if len(set(starts)) == 1:
-            return starts[0]
+        if all(start == full for start in starts):
+            return None
         return self._on_device(("rows", *starts), lambda: torch.tensor(starts).unsqueeze(1) + torch.arange(self.M))
 
     def _collect_logits(self, entry: Entry, h: torch.Tensor) -> None:

@@ -6,8 +6,9 @@ feature maps, the delta rule) and in Python between ops as in its matmuls. Compi
 elementwise work into a few C++ loops around the matmuls and the step runs without the Python in between (`python -m
 bench.compile_ab`, small preset, 64 segments, 2-core CPU: 1.19-1.36x faster than eager in four runs, against 1.16x
 when the read, the blocks and the write were compiled as separate functions). The graph is specialised per StepShape
-(the active layer range, lanes, whether some cell reads, whether the memory rows sit at one offset): a pipeline of L
-layers compiles about 2L graphs on first use (seconds each; inductor caches them on disk for the next process).
+(the active layer range, lanes, whether some cell reads) and per mask layout (whether some cell must not read,
+whether some cell's segment is short), never per segment length: a document through a pipeline of L layers compiles
+about 2L graphs on first use (seconds each; inductor caches them on disk for the next process).
 Results match the eager step within float rounding (tests/test_kernels.py).
 """
 from __future__ import annotations
@@ -23,13 +24,15 @@ from .stacked import StackedBlocks
 
 @dataclass(frozen=True)
 class StepShape:
-    """What a step's code depends on besides its tensors (under torch.compile: one graph per distinct value)."""
+    """What a step's code depends on besides its tensors. Under torch.compile: one graph per distinct value, and
+    per presence of StepInputs.first and .mem_rows (None or a tensor)."""
 
     lo: int  # active layers lo..hi-1 (G = hi - lo cells per lane)
     hi: int
     lanes: int  # P
     width: int  # T' rows per cell
     M: int  # memory tokens
+    mem_start: int  # the row where a full segment's memory tokens start (sink + segment_size)
     write_split: tuple[int, int, int]  # (d_mem, d, 1): the fused write projection's columns
     normalize: bool  # ARMT V2: L2-normalised features
     correction: bool  # gamma correction of z
@@ -41,8 +44,8 @@ class StepInputs:
     """A step's tensors. h [G, P*T', d] (a layer's lanes share its weights), memories A [G*P, d_key, d] and
     z [G*P, d_key], W_q^T [G, d, d_mem], the fused write [G, d, d_mem + d + 1] and its bias
     [G, 1, d_mem + d + 1]; first [G*P] bool (cells that must not read: a session's first segment, an idle lane
-    slot) or None; mem_rows: the row where every cell's M memory tokens start, or per cell [G*P, M] int64 row
-    indices (short segments put them earlier)."""
+    slot) or None; mem_rows: None when every cell's M memory tokens start at StepShape.mem_start, else per cell
+    [G*P, M] int64 row indices (short segments put them earlier)."""
 
     h: torch.Tensor
     A: torch.Tensor
@@ -51,7 +54,7 @@ class StepInputs:
     W_write: torch.Tensor
     b_write: torch.Tensor
     first: torch.Tensor | None
-    mem_rows: int | torch.Tensor
+    mem_rows: torch.Tensor | None
 
 
 def diagonal_step(shape: StepShape, x: StepInputs, stacked: StackedBlocks, rope: torch.Tensor | None,
@@ -72,8 +75,8 @@ def diagonal_step(shape: StepShape, x: StepInputs, stacked: StackedBlocks, rope:
     if not shape.M:
         return h, x.A, x.z
     cells = h.view(G * P, T, -1)  # [G*P, T', d]
-    if isinstance(x.mem_rows, int):
-        mem = cells[:, x.mem_rows : x.mem_rows + shape.M]  # [G*P, M, d]
+    if x.mem_rows is None:
+        mem = cells[:, shape.mem_start : shape.mem_start + shape.M]  # [G*P, M, d]
     else:
         mem = cells.gather(1, x.mem_rows.unsqueeze(-1).expand(-1, -1, cells.shape[-1]))  # [G*P, M, d]
     kvb = torch.baddbmm(x.b_write, mem.reshape(G, P * shape.M, -1), x.W_write)  # [G, P*M, d_mem + d + 1]
@@ -93,7 +96,8 @@ def step_function(compiled: bool = False) -> Callable:
     if _compiled is None:
         from torch import _dynamo
 
-        # one graph per StepShape: 2L - 1 layer ranges per pipeline (up to L(L+1)/2), times lanes and masks
-        _dynamo.config.recompile_limit = max(_dynamo.config.recompile_limit, 256)
+        # one graph per StepShape and mask layout: 2L - 1 layer ranges per pipeline (up to L(L+1)/2), times lane
+        # counts, times (first mask, short rows) present or not; past the limit dynamo would run the step eagerly
+        _dynamo.config.recompile_limit = max(_dynamo.config.recompile_limit, 4096)
         _compiled = torch.compile(diagonal_step, dynamic=False)
     return _compiled
