@@ -24,17 +24,11 @@ def main() -> None:
     def ingest(executor):
         return lambda: m.ingest(m.new_state(), ids, executor=executor)
 
-    # the sequential path compiled: its per-segment function swapped in for a run and back out, so that all four
-    # paths are timed in one timed() call (its rounds interleave them)
+    # the sequential path compiled: its per-segment function swapped in for a run and back out (an instance
+    # attribute shadows the method), so that all four paths are timed in one timed() call (its rounds interleave)
     compiled_segment = torch.compile(m.segment_forward, dynamic=False)
     logging.getLogger("torch._dynamo.variables.tensor").setLevel(logging.ERROR)  # not that split's warning
-
-    def sequential_compiled():
-        m.segment_forward = compiled_segment  # an instance attribute shadows the method
-        try:
-            return ingest("sequential")()
-        finally:
-            del m.segment_forward
+    sequential_compiled = with_flags(m, ingest("sequential"), segment_forward=compiled_segment)
 
     expected = ingest("sequential")()
     torch.testing.assert_close(sequential_compiled().A, expected.A, rtol=1e-4, atol=1e-4)
