@@ -7,8 +7,8 @@
 #                                   -> $OUT/gpu.log, $OUT/llama-1b.json and .png, $OUT/small.json and .png
 # 1. the CUDA tests: diagonal on the GPU (fp32, bf16) against the CPU sequential executor; CUDA graphs == eager
 # 2. a Llama-3.2-1B-shaped model (random weights), bf16, segments of 1024 + 128 memory tokens: sequential vs
-#    diagonal vs diagonal with CUDA graphs vs the bare base (full attention), 2 to 128 segments (128k tokens), and
-#    the bf16 drift against fp32 on 8 segments
+#    diagonal vs diagonal with CUDA graphs vs the bare base (full attention), 2 to 128 segments (128k tokens), the
+#    bf16 drift against fp32 on 8 segments, and the fp32 exactness there (diagonal vs sequential, each vs float64)
 # 3. the small preset on the GPU, fp32: the same paths, and 8 sessions x 4 segments shared vs one by one
 # Each part has its own time limit, so a hang in one still leaves the others' results.
 set -uo pipefail

@@ -184,6 +184,55 @@ def bf16_drift(preset: str, device, n_segments: int) -> dict:
             "memory_A_relative": ((state.A.float() - ref_state.A).norm() / ref_state.A.norm()).item()}
 
 
+@torch.no_grad()
+def fp32_exactness(preset: str, device, n_segments: int) -> dict:
+    """exactness() on the preset's random model (seed 0) and a random document of n_segments full segments."""
+    torch.manual_seed(0)
+    model = build(preset, torch.float32, device)
+    ids = torch.randint(0, model.base.vocab_size, (1, n_segments * model.config.segment_size), device=device)
+    return {"segments": n_segments, **exactness(model, ids)}
+
+
+@torch.no_grad()
+def exactness(model: ArmtModel, ids: torch.Tensor) -> dict:
+    """The issue's exactness goal: the diagonal executor's fp32 logits against the sequential executor's (largest
+    difference over the largest logit); each against the same model in float64, whose rounding is ~1e-16 (how far
+    fp32 rounding alone puts either executor from the exact result: a random model's memory recurrence can amplify
+    it by orders of magnitude over many segments, README "Executors"); and the two executors in float64 (the same
+    math: 0 or ~1e-16). Leaves the model in float64."""
+    seq, diag = (model.forward_long(ids, executor=e)[0] for e in ("sequential", "diagonal"))
+    model = model.to(torch.float64)
+    seq64, diag64 = (model.forward_long(ids, executor=e)[0] for e in ("sequential", "diagonal"))
+    scale = seq64.abs().max().item()
+    rel = lambda a, b: (a.double() - b.double()).abs().max().item() / scale  # noqa: E731
+    return {"diagonal_vs_sequential_relative": rel(diag, seq), "sequential_vs_float64_relative": rel(seq, seq64),
+            "diagonal_vs_float64_relative": rel(diag, seq64), "diagonal_vs_sequential_float64_relative": rel(diag64,
+                                                                                                          seq64)}
+
+
+def _accuracy(result: dict, preset: str, device, n_segments: int) -> None:
+    """bf16 drift and fp32 exactness into result (each rebuilds the model: on a large preset the likeliest parts to
+    run out of memory or time, so a failure is recorded, not raised; the float64 one last)."""
+    for key, measure in (("bf16_drift", bf16_drift), ("fp32_exactness", fp32_exactness)):
+        try:
+            result[key] = d = measure(preset, device, n_segments)
+        except (RuntimeError, MemoryError) as e:
+            result[key] = {"error": f"{type(e).__name__}: {e}"[:500]}
+            print(f"{key.replace('_', ' ')} not measured: {result[key]['error']}", flush=True)
+            continue
+        segs = f"{d['segments']} segment{'s' * (d['segments'] != 1)}"
+        if key == "fp32_exactness":
+            print(f"fp32 diagonal vs sequential, {segs}: largest logit difference "
+                  f"{d['diagonal_vs_sequential_relative']:.1e} of the largest logit; each vs float64: sequential "
+                  f"{d['sequential_vs_float64_relative']:.1e}, diagonal {d['diagonal_vs_float64_relative']:.1e}; "
+                  f"in float64 diagonal vs sequential {d['diagonal_vs_sequential_float64_relative']:.1e}",
+                  flush=True)
+        else:
+            print(f"bf16 diagonal vs fp32 sequential, {segs}: largest logit difference {d['logits_relative']:.1%} "
+                  f"of the largest logit, same top token at {d['top1_agreement']:.1%} of positions, memory A "
+                  f"{d['memory_A_relative']:.1%} apart", flush=True)
+
+
 def _format_sessions(row: dict) -> str:
     """The sessions result as README "Performance" quotes it (the JSON has every figure)."""
     lanes = ", ".join(f"{n} lane{'s' * (int(n) > 1)} {t * 1e3:.0f} ms" for n, t in row["shared_by_lanes_s"].items())
@@ -237,7 +286,7 @@ class Options:
     base_max_tokens: int = 40_000  # longest document for the bare full-attention base
     compiled: bool = False  # also the diagonal executor with its step torch.compile'd
     graphs: bool = False  # also the diagonal executor with CUDA graphs (CUDA only)
-    drift_segments: int = 8  # bf16 diagonal vs fp32 sequential on a document this long (0: skip)
+    drift_segments: int = 8  # fp32 exactness and bf16 drift on a document this long (0: skip)
 
 
 def run(preset: str, segments: list[int], opts: Options = Options(), dtype=torch.float32, device="cpu",
@@ -263,15 +312,7 @@ def run(preset: str, segments: list[int], opts: Options = Options(), dtype=torch
         draw(result, plot)
     if opts.drift_segments:
         del model
-        try:  # rebuilds the model in fp32: on a large preset the likeliest part to run out of memory or time
-            result["bf16_drift"] = d = bf16_drift(preset, device, opts.drift_segments)
-        except (RuntimeError, MemoryError) as e:
-            result["bf16_drift"] = {"error": f"{type(e).__name__}: {e}"[:500]}
-            print(f"bf16 drift not measured: {result['bf16_drift']['error']}", flush=True)
-        else:
-            print(f"bf16 diagonal vs fp32 sequential, {d['segments']} segment{'s' * (d['segments'] != 1)}: largest "
-                  f"logit difference {d['logits_relative']:.1%} of the largest logit, same top token at "
-                  f"{d['top1_agreement']:.1%} of positions, memory A {d['memory_A_relative']:.1%} apart", flush=True)
+        _accuracy(result, preset, device, opts.drift_segments)
         _write(result, out, device, peaks=False)  # the peaks stay those of the measured paths
     return result
 

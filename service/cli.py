@@ -170,8 +170,8 @@ def bench_ingest(
                                                          "compiled (model/kernels.py; needs a C++ compiler on CPU)"),
     graphs: bool = typer.Option(False, "--graphs", help="also time the diagonal executor with CUDA graphs "
                                                         "(model/graphs.py; --device cuda only)"),
-    drift_segments: int = typer.Option(8, help="record bf16 diagonal vs fp32 sequential on a document this long "
-                                               "(0: skip)"),
+    drift_segments: int = typer.Option(8, help="record fp32 diagonal vs sequential (each also vs float64) and "
+                                               "bf16 diagonal vs fp32 sequential on a document this long (0: skip)"),
     out: Path = typer.Option(Path("runs/bench-ingest.json"), help="JSON results"),
     plot: Path = typer.Option(Path("runs/bench-ingest.png"), help="PNG of time vs length (needs matplotlib)"),
 ) -> None:

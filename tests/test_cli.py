@@ -55,8 +55,9 @@ def test_memory_streams_are_a_remember_option(tmp_path):
     assert not (tmp_path / "train_log.jsonl").exists()
 
 
-def test_bench_ingest_writes_ratios_and_bf16_drift(tmp_path):
-    """`armt bench ingest` on the small preset: every path timed, the ratios and the bf16 drift in its JSON."""
+def test_bench_ingest_writes_ratios_exactness_and_bf16_drift(tmp_path):
+    """`armt bench ingest` on the small preset: every path timed, the ratios, the fp32 exactness and the bf16 drift
+    in its JSON."""
     out = tmp_path / "bench.json"
     result = CliRunner().invoke(app, ["bench", "ingest", "--segments", "2", "--sessions", "2", "--session-segments",
                                       "1", "--repeats", "1", "--drift-segments", "2", "--out", str(out),
@@ -68,6 +69,25 @@ def test_bench_ingest_writes_ratios_and_bf16_drift(tmp_path):
     assert data["sessions"]["shared_over_one_by_one_sequential"] > 0
     drift = data["bf16_drift"]
     assert 0 < drift["logits_relative"] < 0.1 and 0.5 < drift["top1_agreement"] <= 1.0
+    exact = data["fp32_exactness"]
+    assert exact["segments"] == 2 and exact["diagonal_vs_sequential_relative"] <= 1e-5
+    assert 0 < exact["sequential_vs_float64_relative"] < 1e-5 and 0 < exact["diagonal_vs_float64_relative"] < 1e-5
+    assert exact["diagonal_vs_sequential_float64_relative"] < 1e-12
+
+
+def test_exactness_script_on_a_preset_and_a_model_directory(tmp_path, capsys):
+    """bench/exactness.py (README "Executors"): one line per length, float32 apart by <= 1e-5, float64 by <= 1e-12."""
+    from bench import exactness
+
+    directory = write_official(build_reference("llama", segment_size=10, value_std=0.05), tmp_path)
+    exactness.main(["--preset", "small", "--segments", "2"])
+    exactness.main(["--model", str(directory), "--segments", "1,3"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["small, 2 segments", f"{directory}, 1 segment",
+                                                     f"{directory}, 3 segments"]
+    for line in lines:
+        figures = [float(word.rstrip(";,")) for word in line.split(":", 1)[1].split() if word[0].isdigit()]
+        assert len(figures) == 4 and figures[0] <= 1e-5 and max(figures[1:3]) <= 1e-5 and figures[3] <= 1e-12
 
 
 def test_bench_graphs_need_cuda():
@@ -358,6 +378,7 @@ def test_bench_keeps_what_it_measured_when_the_drift_check_fails(tmp_path, monke
         raise RuntimeError("CUDA out of memory")
 
     monkeypatch.setattr(bench, "bf16_drift", out_of_memory)
+    monkeypatch.setattr(bench, "fp32_exactness", out_of_memory)
     out = tmp_path / "b.json"
     bench.run("small", [1], bench.Options(sessions=2, session_segments=1, repeats=1, drift_segments=1), out=out)
     data = json.loads(out.read_text())
@@ -365,6 +386,7 @@ def test_bench_keeps_what_it_measured_when_the_drift_check_fails(tmp_path, monke
     assert data["bf16_drift"] == {"error": "RuntimeError: CUDA out of memory"} and data["peak_rss_bytes"] > 0
     printed = capsys.readouterr().out
     assert "shared pipeline (2 lanes)" in printed and "bf16 drift not measured: RuntimeError" in printed
+    assert data["fp32_exactness"] == data["bf16_drift"] and "fp32 exactness not measured: RuntimeError" in printed
 
 
 def test_bench_rounds_rotate_which_path_runs_first():

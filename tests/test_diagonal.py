@@ -19,24 +19,31 @@ def _model(kind, tmp_path, **kw):
     return ArmtModel.from_pretrained(write_official(ref, tmp_path, version=kw.get("version", 1)))
 
 
-def _close(actual, expected):
-    """Within 1e-5 relative to the tensor's scale."""
+def _close(actual, expected, rel: float = 1e-5):
+    """Within `rel` relative to the tensor's scale (default 1e-5, the issue's float32 bound)."""
     scale = float(expected.abs().max())
-    assert_close(actual, expected, rtol=1e-5, atol=1e-5 * max(scale, 1e-12))
+    assert_close(actual, expected, rtol=rel, atol=rel * max(scale, 1e-300))
+
+
+def _relative_error(x: torch.Tensor, exact: torch.Tensor) -> float:
+    """Largest |x - exact| over the largest |exact|."""
+    return float((x.double() - exact).abs().max()) / float(exact.abs().max())
 
 
 @pytest.mark.parametrize("n_segments", [1, 2, L - 1, L, L + 1, 100])
 def test_diagonal_equals_sequential(kind, tmp_path, n_segments):
-    model = _model(kind, tmp_path)
+    """float32 within 1e-5 relative, and float64 within 1e-12: the two executors do the same math, to rounding."""
     T = 10 * n_segments - 3  # a short last segment
     ids = torch.randint(0, VOCAB, (2, T), generator=torch.Generator().manual_seed(n_segments))
-    seq_logits, seq_states = model.forward_long(ids, executor="sequential")
-    diag_logits, diag_states = model.forward_long(ids, executor="diagonal")
-    _close(diag_logits, seq_logits)
-    for a, b in zip(diag_states, seq_states):
-        _close(a.A, b.A)
-        _close(a.z, b.z)
-        assert (a.segments, a.tokens) == (b.segments, b.tokens)
+    for dtype, rel in ((torch.float32, 1e-5), (torch.float64, 1e-12)):
+        model = _model(kind, tmp_path).to(dtype)
+        seq_logits, seq_states = model.forward_long(ids, executor="sequential")
+        diag_logits, diag_states = model.forward_long(ids, executor="diagonal")
+        _close(diag_logits, seq_logits, rel)
+        for a, b in zip(diag_states, seq_states):
+            _close(a.A, b.A, rel)
+            _close(a.z, b.z, rel)
+            assert (a.segments, a.tokens) == (b.segments, b.tokens)
 
 
 def test_llama_with_biases(tmp_path):
@@ -99,10 +106,23 @@ def test_long_document_memory_matters(tmp_path):
 
 @pytest.mark.parametrize("variant", [{"version": 2, "use_sink": True}, {"wrap_pos": True}])
 def test_diagonal_variants(tmp_path, variant):
+    """ARMT V2 (L2-normalised features) + sink, and GPT-2 wrap_pos: in float64 the executors agree within 1e-12.
+
+    In float32 the V2 model here is ill-conditioned: one read divides by phi(q) . z + 1e-5 = 1.4e-4 (elsewhere
+    0.01-1.5), which amplifies float32 rounding ~50x, and the *sequential* executor's float32 logits land 2.3e-5
+    (relative) from the float64 ones on an Intel Xeon (the diagonal executor's: 4e-6), so the two float32 executors
+    are 1.9e-5 apart there (under 1e-5 on an AMD EPYC). The float32 check is therefore against the float64 result:
+    the diagonal executor within 1e-5 of it, or at most twice as far as the sequential executor is.
+    """
     kind = "gpt2" if variant.get("wrap_pos") else "llama"
-    model = _model(kind, tmp_path, **variant)
     ids = torch.randint(0, VOCAB, (1, 67), generator=torch.Generator().manual_seed(1))
-    _close(model.forward_long(ids, executor="diagonal")[0], model.forward_long(ids, executor="sequential")[0])
+    run = lambda model, executor: model.forward_long(ids, executor=executor)[0]  # noqa: E731
+    exact_model = _model(kind, tmp_path, **variant).to(torch.float64)
+    exact = run(exact_model, "sequential")
+    _close(run(exact_model, "diagonal"), exact, 1e-12)
+    model = _model(kind, tmp_path, **variant)
+    assert _relative_error(run(model, "diagonal"), exact) <= max(1e-5, 2 * _relative_error(run(model, "sequential"),
+                                                                                            exact))
 
 
 def test_gpt2_per_layer_attention_scales(tmp_path):
