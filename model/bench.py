@@ -196,18 +196,25 @@ def fp32_exactness(preset: str, device, n_segments: int) -> dict:
 @torch.no_grad()
 def exactness(model: ArmtModel, ids: torch.Tensor) -> dict:
     """The issue's exactness goal: the diagonal executor's fp32 logits against the sequential executor's (largest
-    difference over the largest logit); each against the same model in float64, whose rounding is ~1e-16 (how far
-    fp32 rounding alone puts either executor from the exact result: a random model's memory recurrence can amplify
-    it by orders of magnitude over many segments, README "Executors"); and the two executors in float64 (the same
-    math: 0 or ~1e-16). Leaves the model in float64."""
+    difference over the largest logit); each against the same model in float64 (its memory too), whose rounding is
+    ~1e-16 (how far fp32 rounding alone puts either executor from the exact result: a random model's memory
+    recurrence can amplify it by orders of magnitude over many segments, README "Executors"); and the two executors
+    in float64 (the same math: 0 or ~1e-16). The model is converted to float64 and back (lossless)."""
+    if model.config.act:
+        raise ValueError("an ACT model runs the sequential order in both executors: nothing to compare")
+    dtype = model.dtype
     seq, diag = (model.forward_long(ids, executor=e)[0] for e in ("sequential", "diagonal"))
-    model = model.to(torch.float64)
-    seq64, diag64 = (model.forward_long(ids, executor=e)[0] for e in ("sequential", "diagonal"))
+    model.to(torch.float64)
+    try:
+        seq64, diag64 = (model.forward_long(ids, executor=e)[0] for e in ("sequential", "diagonal"))
+    finally:
+        model.to(dtype)
     scale = seq64.abs().max().item()
     rel = lambda a, b: (a.double() - b.double()).abs().max().item() / scale  # noqa: E731
-    return {"diagonal_vs_sequential_relative": rel(diag, seq), "sequential_vs_float64_relative": rel(seq, seq64),
-            "diagonal_vs_float64_relative": rel(diag, seq64), "diagonal_vs_sequential_float64_relative": rel(diag64,
-                                                                                                          seq64)}
+    return {"diagonal_vs_sequential_relative": rel(diag, seq),
+            "sequential_vs_float64_relative": rel(seq, seq64),
+            "diagonal_vs_float64_relative": rel(diag, seq64),
+            "diagonal_vs_sequential_float64_relative": rel(diag64, seq64)}
 
 
 def _accuracy(result: dict, preset: str, device, n_segments: int) -> None:

@@ -140,7 +140,8 @@ def weights_digest(model: ArmtModel, legacy: bool = False) -> str:
     """Cheap digest of the weights: names, shapes and a strided sample of values (not a full hash).
 
     The values are taken at bfloat16 precision, so that the same checkpoint loaded in fp32 or bf16 (or cast after
-    loading) names the same model: states stay usable across ARMT_DTYPE (the memory itself is always fp32).
+    loading) names the same model: states stay usable across ARMT_DTYPE (the memory itself is fp32, float64 only for a
+    float64 model).
     `legacy`: the values as loaded, as versions before 2026-12-01 took them (their states' fingerprints).
     """
     h = hashlib.sha256()

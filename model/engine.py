@@ -75,14 +75,21 @@ class ArmtEngineMixin:
         return run_sequential if self.config.act else EXECUTORS[name]
 
     def _empty_memory(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A and z in memory_dtype: float32 for a float32, bf16 or fp16 model (the memory math runs in the state's
+        dtype), float64 for a float64 one (the reference, free of rounding, of exactness checks)."""
         L, d_key, d = self.n_layers, self.config.d_key, self.base.d_model
-        A = torch.zeros(batch, L, d_key, d, device=self.device, dtype=torch.float32)  # [B, L, d_key, d]
-        z = torch.zeros(batch, L, d_key, device=self.device, dtype=torch.float32)  # [B, L, d_key]
+        A = torch.zeros(batch, L, d_key, d, device=self.device, dtype=self.memory_dtype)  # [B, L, d_key, d]
+        z = torch.zeros(batch, L, d_key, device=self.device, dtype=self.memory_dtype)  # [B, L, d_key]
         return A, z
+
+    @property
+    def memory_dtype(self) -> torch.dtype:
+        """float32, or float64 for a float64 model; a state of the other one is converted when used."""
+        return torch.promote_types(self.dtype, torch.float32)
 
     # ------------------------------------------------------------------ API
     def new_state(self) -> MemoryState:
-        """Empty memory for a new session (fp32 A and z whatever the model dtype)."""
+        """Empty memory for a new session (fp32 A and z whatever the model dtype; float64 for a float64 model)."""
         A, z = self._empty_memory(1)
         return MemoryState(A[0], z[0], self.fingerprint)
 
@@ -121,7 +128,7 @@ class ArmtEngineMixin:
             return self._advanced(state, tokens, 0, state.A.clone(), state.z.clone())
         first = torch.tensor([state.segments == 0], device=self.device)
         write_ids = torch.tensor([tokens[:n_write]], dtype=torch.int64, device=self.device)  # [1, n_write]
-        A, z = state.A.unsqueeze(0).to(self.device), state.z.unsqueeze(0).to(self.device)  # [1, L, ...]
+        A, z = (x.unsqueeze(0).to(self.device, self.memory_dtype) for x in (state.A, state.z))  # [1, L, ...]
         _, A, z = run(self, write_ids, A, z, first, False)  # new tensors; inputs untouched
         return self._advanced(state, tokens, n_write, A[0], z[0])
 
@@ -140,7 +147,8 @@ class ArmtEngineMixin:
             return [self.ingest(state, ids) for state, ids in zip(states, ids_list)]
         plans = [(state, *self._plan_ingest(state, ids)) for state, ids in zip(states, ids_list)]
         streams = [Stream(torch.tensor(tokens[:n_write], dtype=torch.int64, device=self.device),  # [n_write]
-                          state.A.to(self.device), state.z.to(self.device), state.segments == 0)
+                          state.A.to(self.device, self.memory_dtype), state.z.to(self.device, self.memory_dtype),
+                          state.segments == 0)
                    for state, tokens, n_write in plans if n_write]
         _, A, z = run_streams(self, streams, max_lanes=lanes) if streams else (None, None, None)
         results, k = [], 0
@@ -228,7 +236,7 @@ class ArmtEngineMixin:
 
     def _generate(self, state, writes, final, params, executor, act) -> Iterator[int]:
         with torch.no_grad():
-            A, z = state.A.unsqueeze(0).to(self.device), state.z.unsqueeze(0).to(self.device)
+            A, z = (x.unsqueeze(0).to(self.device, self.memory_dtype) for x in (state.A, state.z))
             first = torch.tensor([state.segments == 0], device=self.device)
             for tokens in writes:  # pending tail, then the prompt's whole segments
                 write_ids = torch.tensor([tokens], dtype=torch.int64, device=self.device)  # [1, n]

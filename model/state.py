@@ -141,8 +141,8 @@ class MemoryState:
         if missing:
             raise ValueError(f"{what} lacks {', '.join(missing)}")
         A, z, pending = tensors["A"], tensors["z"], tensors["pending"]
-        if A.dtype != torch.float32 or z.dtype != torch.float32:
-            raise ValueError(f"{what}: A and z must be float32, got {A.dtype} and {z.dtype}")
+        if A.dtype != z.dtype or A.dtype not in (torch.float32, torch.float64):  # float64: a float64 model's
+            raise ValueError(f"{what}: A and z must be float32 (or both float64), got {A.dtype} and {z.dtype}")
         if A.dim() != 3 or tuple(z.shape) != tuple(A.shape[:2]):
             raise ValueError(f"{what}: A must be [L, d_key, d] and z [L, d_key], got {tuple(A.shape)} and "
                              f"{tuple(z.shape)}")

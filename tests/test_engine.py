@@ -132,6 +132,7 @@ def _tampered(model, tmp_path, **change):
     ({"fingerprint": None}, "lacks fingerprint"),
     ({"z": None}, "lacks z"),
     ({"A": torch.zeros(2, 3, 4, dtype=torch.float16)}, "float32"),
+    ({"A": torch.zeros(2, 3, 4, dtype=torch.float64)}, r"float32 \(or both float64\)"),  # z float32
     ({"A": torch.zeros(2, 3)}, r"A must be \[L, d_key, d\]"),
     ({"pending": torch.tensor([4, -3])}, "non-negative"),
     ({"segments": "many"}, "integers"),
@@ -143,6 +144,25 @@ def test_a_malformed_state_file_is_a_clear_error(model, tmp_path, change, match)
     for read in (lambda: MemoryState.load(path), lambda: MemoryState.from_bytes(path.read_bytes())):
         with pytest.raises(ValueError, match=match):
             read()
+
+
+def test_a_float64_model_keeps_float64_memory_and_takes_float32_states(tmp_path):
+    """A float64 model (the rounding-free reference of exactness checks) keeps its memory in float64, its states
+    save and load, and a float32 state is promoted when used (a float32 model rounds a float64 one)."""
+    model = ArmtModel.from_pretrained(write_official(build_reference("llama", segment_size=10), tmp_path))
+    ids = list(range(1, 38))
+    state32 = model.ingest(model.new_state(), ids)  # 3 segments written, 7 tokens pending
+    exact = model.to(torch.float64)
+    state64 = exact.ingest(exact.new_state(), ids)
+    assert state64.A.dtype == state64.z.dtype == torch.float64 == exact.new_state().A.dtype
+    path = tmp_path / "state64.safetensors"
+    state64.save(path)
+    loaded = MemoryState.load(path)
+    torch.testing.assert_close(loaded.A, state64.A, rtol=0, atol=0)
+    more = exact.ingest(state32, ids)  # float32 state, float64 memory math from here
+    assert more.A.dtype == torch.float64 and (more.segments, len(more.pending)) == (7, 4)
+    back = exact.to(torch.float32).ingest(loaded, ids)
+    assert back.A.dtype == torch.float32
 
 
 def test_a_memory_that_overflowed_round_trips(model, tmp_path):
