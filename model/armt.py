@@ -107,6 +107,13 @@ class ArmtModel(ArmtEngineMixin, nn.Module):
         build = lambda: BlockGraphs(self.stacked_blocks(), pipeline_rope(self, lanes, width))  # noqa: E731
         return self._derived(("graphs", lanes, width), list(self.base.blocks.parameters()), build)
 
+    def _apply(self, fn, *args, **kwargs):
+        """Module.to / .cuda / .float etc.: the derived tensors of the old device or dtype are dropped with the
+        move, not kept alive until the next diagonal run rebuilds them (twice the block weights for a
+        float32 -> float64 -> float32 round trip)."""
+        self.__dict__.pop("_derived_cache", None)
+        return super()._apply(fn, *args, **kwargs)
+
     def drop_block_graphs(self) -> None:
         """Forget the captured CUDA graphs (and the memory they set aside); the next diagonal step captures again."""
         cache = self.__dict__.get("_derived_cache", {})

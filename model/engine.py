@@ -76,7 +76,8 @@ class ArmtEngineMixin:
 
     def _empty_memory(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A and z in memory_dtype: float32 for a float32, bf16 or fp16 model (the memory math runs in the state's
-        dtype), float64 for a float64 one (the reference, free of rounding, of exactness checks)."""
+        dtype), float64 for a float64 one (the reference of exactness checks; only its RoPE tables stay float32, as
+        HF computes them)."""
         L, d_key, d = self.n_layers, self.config.d_key, self.base.d_model
         A = torch.zeros(batch, L, d_key, d, device=self.device, dtype=self.memory_dtype)  # [B, L, d_key, d]
         z = torch.zeros(batch, L, d_key, device=self.device, dtype=self.memory_dtype)  # [B, L, d_key]
@@ -125,7 +126,7 @@ class ArmtEngineMixin:
         run = self._executor(executor)  # a misspelt name is an error even when nothing is written yet
         tokens, n_write = self._plan_ingest(state, input_ids)
         if not n_write:  # only the pending tail grows; the memory is copied, never shared between states
-            return self._advanced(state, tokens, 0, state.A.clone(), state.z.clone())
+            return self._advanced(state, tokens, 0, *self._memory_copy(state))
         first = torch.tensor([state.segments == 0], device=self.device)
         write_ids = torch.tensor([tokens[:n_write]], dtype=torch.int64, device=self.device)  # [1, n_write]
         A, z = (x.unsqueeze(0).to(self.device, self.memory_dtype) for x in (state.A, state.z))  # [1, L, ...]
@@ -157,7 +158,7 @@ class ArmtEngineMixin:
                 results.append(self._advanced(state, tokens, n_write, A[k].clone(), z[k].clone()))
                 k += 1
             else:
-                results.append(self._advanced(state, tokens, 0, state.A.clone(), state.z.clone()))
+                results.append(self._advanced(state, tokens, 0, *self._memory_copy(state)))
         return results
 
     def _plan_ingest(self, state: MemoryState, input_ids: IdsLike) -> tuple[list[int], int]:
@@ -169,6 +170,11 @@ class ArmtEngineMixin:
         tokens = state.pending + ids[0].tolist()
         S = self.config.segment_size
         return tokens, (len(tokens) // S) * S
+
+    def _memory_copy(self, state: MemoryState) -> tuple[torch.Tensor, torch.Tensor]:
+        """A state's A and z as a new state gets them when nothing is written: copies (states never share memory)
+        in memory_dtype on the model's device, as a write would leave them."""
+        return tuple(x.to(self.device, self.memory_dtype, copy=True) for x in (state.A, state.z))
 
     def _advanced(self, state: MemoryState, tokens: list[int], n_write: int, A, z) -> MemoryState:
         segments = state.segments + n_write // self.config.segment_size

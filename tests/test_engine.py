@@ -161,8 +161,12 @@ def test_a_float64_model_keeps_float64_memory_and_takes_float32_states(tmp_path)
     torch.testing.assert_close(loaded.A, state64.A, rtol=0, atol=0)
     more = exact.ingest(state32, ids)  # float32 state, float64 memory math from here
     assert more.A.dtype == torch.float64 and (more.segments, len(more.pending)) == (7, 4)
-    back = exact.to(torch.float32).ingest(loaded, ids)
-    assert back.A.dtype == torch.float32
+    short = [exact.ingest(state32, [1, 2]), *exact.ingest_many([state32], [[1, 2]])]  # nothing written: same dtype
+    assert [(s.A.dtype, s.z.dtype, s.segments) for s in short] == [(torch.float64, torch.float64, 3)] * 2
+    exact.stacked_blocks()  # derived float64 tensors, dropped by the cast back
+    back = exact.to(torch.float32)
+    assert "_derived_cache" not in back.__dict__
+    assert back.ingest(loaded, ids).A.dtype == back.ingest(loaded, [1]).A.dtype == torch.float32
 
 
 def test_a_memory_that_overflowed_round_trips(model, tmp_path):
