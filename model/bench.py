@@ -200,7 +200,8 @@ def exactness(model: ArmtModel, ids: torch.Tensor) -> dict:
     tables stay float32, as HF computes them, the same in both runs), whose rounding is ~1e-16 (how far fp32
     rounding alone puts either executor from the exact result: a random model's memory recurrence can amplify it
     by orders of magnitude over many segments, README "Executors"); and the two executors in float64 (the same
-    math: 0 to ~1e-15, more only where the recurrence is chaotic). The model is converted to float64 and back (lossless)."""
+    math: 0 to ~1e-15, more only where the recurrence is chaotic). The model is converted to float64 and back
+    (lossless)."""
     if model.config.act:
         raise ValueError("an ACT model runs the sequential order in both executors: nothing to compare")
     dtype = model.dtype
