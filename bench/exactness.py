@@ -18,7 +18,7 @@ import argparse
 import torch
 
 from model.armt import ArmtModel
-from model.bench import PRESETS, build, exactness
+from model.bench import PRESETS, build, exactness, format_exactness
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -38,11 +38,7 @@ def main(argv: list[str] | None = None) -> None:
             d = exactness(model.eval(), ids)
         except ValueError as e:
             raise SystemExit(f"{name}: {e}") from None
-        print(f"{name}, {n} segment{'s' * (n != 1)}: float32 diagonal vs sequential "
-              f"{d['diagonal_vs_sequential_relative']:.1e}; vs float64: sequential "
-              f"{d['sequential_vs_float64_relative']:.1e}, diagonal {d['diagonal_vs_float64_relative']:.1e}; "
-              f"float64 diagonal vs sequential "
-              f"{d['diagonal_vs_sequential_float64_relative']:.1e}", flush=True)
+        print(f"{name}, {n} segment{'s' * (n != 1)}: {format_exactness(d)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -165,15 +165,21 @@ def measure_sessions(model: ArmtModel, n_sessions: int, n_segments: int, repeats
     return row
 
 
+def _case(preset: str, device, n_segments: int) -> tuple[ArmtModel, torch.Tensor]:
+    """The accuracy checks' case: the preset's random model in fp32 (seed 0) and a random document ids [1, T] of
+    n_segments full segments."""
+    torch.manual_seed(0)
+    model = build(preset, torch.float32, device)
+    return model, torch.randint(0, model.base.vocab_size, (1, n_segments * model.config.segment_size), device=device)
+
+
 @torch.no_grad()
 def bf16_drift(preset: str, device, n_segments: int) -> dict:
     """How far the diagonal executor in bf16 lands from the sequential one in fp32, same weights and tokens.
 
     Recorded, not asserted (bf16 keeps 8 bits of mantissa): the largest logit difference against the largest
     logit, how often the top token agrees, and the relative distance of the memory A after the document."""
-    torch.manual_seed(0)
-    model = build(preset, torch.float32, device)
-    ids = torch.randint(0, model.base.vocab_size, (1, n_segments * model.config.segment_size), device=device)
+    model, ids = _case(preset, device, n_segments)
     ref_logits, ref_state = model.forward_long(ids, executor="sequential")
     logits, state = model.to(torch.bfloat16).forward_long(ids, executor="diagonal")
     diff = (logits.float() - ref_logits).abs().max().item()
@@ -187,10 +193,7 @@ def bf16_drift(preset: str, device, n_segments: int) -> dict:
 @torch.no_grad()
 def fp32_exactness(preset: str, device, n_segments: int) -> dict:
     """exactness() on the preset's random model (seed 0) and a random document of n_segments full segments."""
-    torch.manual_seed(0)
-    model = build(preset, torch.float32, device)
-    ids = torch.randint(0, model.base.vocab_size, (1, n_segments * model.config.segment_size), device=device)
-    return {"segments": n_segments, **exactness(model, ids)}
+    return {"segments": n_segments, **exactness(*_case(preset, device, n_segments))}
 
 
 @torch.no_grad()
@@ -219,27 +222,32 @@ def exactness(model: ArmtModel, ids: torch.Tensor) -> dict:
             "diagonal_vs_sequential_float64_relative": rel(diag64, seq64)}
 
 
+def format_exactness(d: dict) -> str:
+    """An exactness() result in one line (the bench's and bench/exactness.py's)."""
+    return (f"float32 diagonal vs sequential {d['diagonal_vs_sequential_relative']:.1e} of the largest logit; each "
+            f"vs float64: sequential {d['sequential_vs_float64_relative']:.1e}, diagonal "
+            f"{d['diagonal_vs_float64_relative']:.1e}; float64 diagonal vs sequential "
+            f"{d['diagonal_vs_sequential_float64_relative']:.1e}")
+
+
+def _format_drift(d: dict) -> str:
+    return (f"largest logit difference {d['logits_relative']:.1%} of the largest logit, same top token at "
+            f"{d['top1_agreement']:.1%} of positions, memory A {d['memory_A_relative']:.1%} apart")
+
+
 def _accuracy(result: dict, preset: str, device, n_segments: int) -> None:
     """bf16 drift and fp32 exactness into result (each rebuilds the model: on a large preset the likeliest parts to
     run out of memory or time, so a failure is recorded, not raised; the float64 one last)."""
-    for key, measure in (("bf16_drift", bf16_drift), ("fp32_exactness", fp32_exactness)):
+    checks = (("bf16_drift", "bf16 diagonal vs fp32 sequential", bf16_drift, _format_drift),
+              ("fp32_exactness", "exactness", fp32_exactness, format_exactness))
+    for key, label, measure, describe in checks:
         try:
             result[key] = d = measure(preset, device, n_segments)
         except (RuntimeError, MemoryError) as e:
             result[key] = {"error": f"{type(e).__name__}: {e}"[:500]}
             print(f"{key.replace('_', ' ')} not measured: {result[key]['error']}", flush=True)
             continue
-        segs = f"{d['segments']} segment{'s' * (d['segments'] != 1)}"
-        if key == "fp32_exactness":
-            print(f"fp32 diagonal vs sequential, {segs}: largest logit difference "
-                  f"{d['diagonal_vs_sequential_relative']:.1e} of the largest logit; each vs float64: sequential "
-                  f"{d['sequential_vs_float64_relative']:.1e}, diagonal {d['diagonal_vs_float64_relative']:.1e}; "
-                  f"in float64 diagonal vs sequential {d['diagonal_vs_sequential_float64_relative']:.1e}",
-                  flush=True)
-        else:
-            print(f"bf16 diagonal vs fp32 sequential, {segs}: largest logit difference {d['logits_relative']:.1%} "
-                  f"of the largest logit, same top token at {d['top1_agreement']:.1%} of positions, memory A "
-                  f"{d['memory_A_relative']:.1%} apart", flush=True)
+        print(f"{label}, {d['segments']} segment{'s' * (d['segments'] != 1)}: {describe(d)}", flush=True)
 
 
 def _format_sessions(row: dict) -> str:
